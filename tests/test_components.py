@@ -1,0 +1,148 @@
+"""Each component against a reference we did not write, or against a property it must have."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.attention import Attention, causal_mask, repeat_kv
+from utils.feedforward import FeedForward, swiglu_hidden_dim
+from utils.model import PRESETS, Llama, LlamaConfig, count_params, flops_per_token, get_config
+from utils.norm import RMSNorm
+from utils.rope import (
+    apply_rotary_emb,
+    apply_rotary_emb_complex,
+    apply_rotary_emb_hf,
+    permute_hf_to_meta,
+    permute_meta_to_hf,
+    precompute_freqs_cis,
+    rope_cos_sin,
+)
+
+
+def test_rmsnorm_matches_torch_rmsnorm():
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(64, eps=1e-6), nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64))
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(3, 5, 64) * 4
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_rope_real_form_equals_meta_complex_form():
+    x = torch.randn(2, 9, 4, 16)
+    cos, sin = rope_cos_sin(16, 9, theta=10000.0)
+    torch.testing.assert_close(apply_rotary_emb(x, cos, sin), apply_rotary_emb_complex(x, precompute_freqs_cis(16, 9)))
+
+
+def test_rope_conventions_differ_but_agree_after_permutation():
+    torch.manual_seed(0)
+    n_heads, hd, dim = 4, 16, 64
+    wq = torch.randn(n_heads * hd, dim)
+    x = torch.randn(1, 7, dim)
+    cos, sin = rope_cos_sin(hd, 7)
+    meta = apply_rotary_emb((x @ wq.T).view(1, 7, n_heads, hd), cos, sin)
+    wq_hf = permute_meta_to_hf(wq, n_heads)
+    hf = apply_rotary_emb_hf((x @ wq_hf.T).view(1, 7, n_heads, hd), cos, sin)
+    naive = apply_rotary_emb_hf((x @ wq.T).view(1, 7, n_heads, hd), cos, sin)
+    assert not torch.allclose(meta, naive, atol=1e-3), "same weights, other convention: must differ"
+    # after the permutation, the outputs are the same numbers in a different order within each head
+    torch.testing.assert_close(permute_hf_to_meta(hf.reshape(7, -1).T, n_heads).T.reshape(1, 7, n_heads, hd), meta)
+    torch.testing.assert_close(permute_hf_to_meta(wq_hf, n_heads), wq)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(64), torch.randn(64)
+    cos, sin = rope_cos_sin(64, 200)
+
+    def score(m, n):
+        qm = apply_rotary_emb(q.view(1, 1, 1, 64), cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rotary_emb(k.view(1, 1, 1, 64), cos[n:n + 1], sin[n:n + 1])
+        return (qm * kn).sum()
+
+    torch.testing.assert_close(score(10, 3), score(107, 100), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(score(5, 5), score(150, 150), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(score(10, 3), score(10, 4), atol=1e-3)
+
+
+def test_gqa_with_all_kv_heads_equals_plain_multihead_attention():
+    torch.manual_seed(0)
+    dim, H, T = 32, 4, 6
+    attn = Attention(dim, n_heads=H, n_kv_heads=H)
+    x = torch.randn(2, T, dim)
+    cos, sin = torch.ones(T, dim // H // 2), torch.zeros(T, dim // H // 2)  # RoPE switched off
+    mha = nn.MultiheadAttention(dim, H, bias=False, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
+        mha.out_proj.weight.copy_(attn.wo.weight)
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    ref, _ = mha(x, x, x, attn_mask=mask, need_weights=False)
+    torch.testing.assert_close(attn(x, cos, sin), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_sdpa_equals_repeat_kv():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    b = F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), is_causal=True)
+    torch.testing.assert_close(a, b)
+    assert torch.equal(repeat_kv(k, 4)[:, 4:8], k[:, 1:2].expand(2, 4, 5, 16))
+
+
+def test_causal_mask_is_bottom_right_aligned():
+    m = causal_mask(2, 5)
+    assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    assert torch.equal(causal_mask(4, 4), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_swiglu_rule_gives_llama2_sizes():
+    assert swiglu_hidden_dim(4096, 256) == 11008                      # 7B
+    assert swiglu_hidden_dim(5120, 256) == 13824                      # 13B
+    assert swiglu_hidden_dim(8192, 4096, ffn_dim_multiplier=1.3) == 28672  # 70B
+    assert LlamaConfig(dim=4096).hidden_dim == 11008
+
+
+def test_swiglu_matches_its_formula():
+    torch.manual_seed(0)
+    ff = FeedForward(16, 24)
+    x = torch.randn(3, 16)
+    expected = (F.silu(x @ ff.w1.weight.T) * (x @ ff.w3.weight.T)) @ ff.w2.weight.T
+    torch.testing.assert_close(ff(x), expected)
+
+
+def test_7b_preset_parameter_count():
+    assert count_params(PRESETS["llama2-7b"]) == 6_738_415_616
+    assert count_params(PRESETS["llama2-13b"]) == 13_015_864_320
+    assert count_params(PRESETS["llama2-70b"]) == 68_976_648_192
+
+
+@pytest.mark.parametrize("name", ["smoke", "tiny", "small"])
+def test_count_params_equals_built_model(name):
+    for tied in (False, True):
+        cfg = get_config(name, tie_embeddings=tied)
+        assert Llama(cfg).num_params() == count_params(cfg)
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    cfg = get_config("tiny")
+    n_matmul = Llama(cfg).num_params(exclude_embeddings=True)
+    assert flops_per_token(cfg, 256) == 6 * n_matmul + 12 * cfg.n_layers * cfg.dim * 256
+
+
+def test_residual_projections_are_scaled_down_with_depth():
+    torch.manual_seed(0)
+    model = Llama(get_config("small", vocab_size=1000))
+    wo_std = model.layers[0].attention.wo.weight.std().item()
+    wq_std = model.layers[0].attention.wq.weight.std().item()
+    assert abs(wq_std - 0.02) < 0.002
+    assert abs(wo_std - 0.02 / (2 * 6) ** 0.5) < 0.001
+
+
+def test_rope_tables_stay_float32_after_casting_the_model():
+    model = Llama(get_config("smoke")).to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.float32
+    assert "rope_cos" not in model.state_dict()

@@ -1,0 +1,110 @@
+"""Grouped-query attention (GQA) with a preallocated KV cache.
+
+`n_heads` query heads share `n_kv_heads` key/value heads: n_kv_heads == n_heads is ordinary
+multi-head attention (MHA), n_kv_heads == 1 is multi-query attention (MQA), anything between is
+GQA (Ainslie et al., 2023). Fewer K/V heads mean fewer parameters and, above all, a smaller cache.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rotary_emb
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv_heads, S, hd) -> (B, n_kv_heads * n_rep, S, hd): each K/V head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    B, n_kv, S, hd = x.shape
+    return x[:, :, None].expand(B, n_kv, n_rep, S, hd).reshape(B, n_kv * n_rep, S, hd)
+
+
+def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Boolean (q_len, kv_len) mask, True where attention is allowed, aligned bottom-right.
+
+    The last query sits at position kv_len - 1, so query i may see keys 0 .. kv_len - q_len + i.
+    SDPA's is_causal=True aligns top-left instead (query i sees keys 0..i), which is only right
+    when q_len == kv_len: with a non-empty cache it would hide the new chunk's own past.
+    """
+    offset = kv_len - q_len
+    rows = torch.arange(q_len, device=device)[:, None]
+    cols = torch.arange(kv_len, device=device)[None, :]
+    return cols <= rows + offset
+
+
+class KVCache(nn.Module):
+    """Keys and values of past tokens, preallocated as (B, n_kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this cache: 2 (k and v) * B * n_kv_heads * max_seq_len * head_dim * itemsize."""
+        return self.k.nbytes + self.v.nbytes
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
+        """Write xk, xv (B, n_kv_heads, T, hd) at start_pos; return all keys/values so far (views)."""
+        B, _, T, _ = xk.shape
+        end = start_pos + T
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache holds {self.max_seq_len} positions but start_pos ({start_pos}) + "
+                             f"new tokens ({T}) = {end}: reset the cache or allocate a longer one")
+        if B > self.k.shape[0]:
+            raise ValueError(f"batch of {B} but the cache was allocated for {self.k.shape[0]}: "
+                             "call model.setup_cache with a larger batch_size")
+        self.k[:B, :, start_pos:end] = xk
+        self.v[:B, :, start_pos:end] = xv
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE: (B, T, dim) -> (B, T, dim)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, hd)
+        S = k.shape[2]
+        mask, is_causal = None, False
+        if T > 1 and S == T:
+            is_causal = True  # plain causal: top-left and bottom-right alignment coincide
+        elif T > 1:
+            mask = causal_mask(T, S, device=x.device)  # a chunk after cached tokens
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, n_heads, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(y))

@@ -1,0 +1,101 @@
+"""Autoregressive sampling: greedy, temperature, top-k and top-p, with or without the KV cache."""
+
+from collections.abc import Iterator
+
+import torch
+
+from .model import Llama
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, vocab) -> (B,). temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.int64, torch.int32) or prompt.dim() != 2:
+        desc = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"prompt must be an int64 tensor of shape (batch, seq_len), got {desc}: "
+                         "use torch.tensor([ids], dtype=torch.long)")
+    if prompt.shape[1] == 0:
+        raise ValueError("prompt is empty: give at least one token (e.g. the end-of-text id)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    total = prompt.shape[1] + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                         f"exceeds the model's max_seq_len ({model.config.max_seq_len}): shorten the prompt "
+                         "or ask for fewer tokens")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}: 0.9 keeps the tokens that make up 90% of the mass")
+
+
+def stream(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+           stop_token: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), as soon as it is sampled.
+
+    With the cache the prompt is processed once (prefill), then each step feeds one token
+    (decode). Without it every step re-runs the whole sequence: same tokens, O(n^2) work.
+    Stops early once every row has produced `stop_token`; finished rows keep emitting it.
+    Arguments are checked here, before the first token, not when iteration starts.
+    """
+    _check_args(model, prompt, max_new_tokens, temperature, top_k, top_p)
+    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token, generator)
+
+
+@torch.inference_mode()
+def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token, generator):
+    was_training = model.training
+    model.eval()
+    seq = prompt
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    if use_cache:
+        model.setup_cache(prompt.shape[0], max_seq_len=prompt.shape[1] + max_new_tokens)
+    try:
+        logits = model(prompt)[:, -1] if use_cache else None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = model(seq)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                nxt = nxt.masked_fill(done, stop_token)
+                done |= nxt == stop_token
+            yield nxt
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if done.all():
+                break
+            if use_cache and seq.shape[1] < prompt.shape[1] + max_new_tokens:
+                logits = model(nxt[:, None], start_pos=seq.shape[1] - 1)[:, -1]
+    finally:
+        if use_cache:
+            model.clear_cache()
+        model.train(was_training)
+
+
+def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+             stop_token: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue prompt (B, T) -> (B, T + n), n = max_new_tokens unless every row hit stop_token sooner."""
+    new = list(stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      use_cache=use_cache, stop_token=stop_token, generator=generator))
+    return torch.cat([prompt] + [t[:, None] for t in new], dim=1)

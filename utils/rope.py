@@ -1,0 +1,81 @@
+"""Rotary position embeddings (RoPE), in Meta's and in Hugging Face's convention.
+
+RoPE rotates each pair of dimensions of q and k by an angle proportional to the token's position,
+so that q_m . k_n depends only on m - n. Meta pairs *adjacent* dimensions (0,1), (2,3), ... and
+writes the rotation as complex multiplication; Hugging Face pairs the two *halves* (0, d/2),
+(1, d/2+1), ... ("rotate_half") and stores wq/wk with their rows permuted to match. The model here
+uses Meta's convention; `permute_hf_to_meta` converts HF weights onto it.
+"""
+
+import torch
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation speed of each dimension pair: theta^(-2i/head_dim), shape (head_dim // 2,)."""
+    if head_dim % 2 != 0:
+        raise ValueError(f"head_dim ({head_dim}) must be even: RoPE rotates pairs of dimensions")
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None):
+    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2), float32."""
+    freqs = rope_frequencies(head_dim, theta)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)  # (S, hd/2)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def precompute_freqs_cis(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> torch.Tensor:
+    """Meta's table: e^(i * position * frequency) as complex64, shape (max_seq_len, head_dim // 2)."""
+    cos, sin = rope_cos_sin(head_dim, max_seq_len, theta)
+    return torch.complex(cos, sin)
+
+
+def apply_rotary_emb_complex(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Meta's form: view adjacent pairs as complex numbers and multiply. x (B, T, H, hd), freqs_cis (T, hd/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, hd/2)
+    out = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(-2)
+    return out.type_as(x)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (Meta's convention) with real arithmetic. x (B, T, H, hd), cos/sin (T, hd/2).
+
+    Same numbers as `apply_rotary_emb_complex`, but without complex tensors, which
+    torch.compile, fp16 and some backends (MPS) handle poorly.
+    """
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # even and odd dims, (B, T, H, hd/2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's helper: (x1, x2) -> (-x2, x1) where x1, x2 are the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_emb_hf(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's convention: pair dim i with dim i + hd/2. x (B, T, H, hd), cos/sin (T, hd/2)."""
+    cos = torch.cat((cos, cos), dim=-1)[None, :, None, :]  # (1, T, 1, hd)
+    sin = torch.cat((sin, sin), dim=-1)[None, :, None, :]
+    return (x.float() * cos + rotate_half(x.float()) * sin).type_as(x)
+
+
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of wq or wk (n_heads * hd, dim) so rotate-half RoPE equals Meta's RoPE.
+
+    Within each head, rows (0, 1, 2, 3, ...) become (0, 2, 4, ..., 1, 3, 5, ...): the even
+    (real) parts go to the first half and the odd (imaginary) parts to the second. This is the
+    `permute` of transformers' convert_llama_weights_to_hf.py.
+    """
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `permute_meta_to_hf`: HF's wq/wk rows back to Meta's adjacent-pair layout."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
