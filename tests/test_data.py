@@ -1,0 +1,246 @@
+"""Specifications for utils/data.py: every source loads, ids are cached, batches are random windows."""
+
+import http.server
+import os
+import shutil
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before datasets / huggingface_hub are imported
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from utils.data import (
+    TINYSHAKESPEARE_SHA256,
+    check_enough_tokens,
+    get_batch,
+    load_text,
+    prepare_data,
+    split_train_val,
+)
+from utils.tokenizer import CharTokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+ROWS = ["First story: a llama.", "Second story: café, 東京, 🦙.", "Third story."]
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """An empty cache folder, also set as $LLAMA_DATA_DIR so nothing is written into the repo."""
+    path = tmp_path / "data"
+    monkeypatch.setenv("LLAMA_DATA_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def seeded_data_dir(data_dir) -> Path:
+    """A cache that already holds tinyshakespeare.txt, as after a first download."""
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} missing: clone with shared/ beside the repo")
+    data_dir.mkdir(parents=True)
+    shutil.copy(SHAKESPEARE, data_dir / "tinyshakespeare.txt")
+    return data_dir
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1, also where another test imported the hub libraries before it was set."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve tmp_path/www on 127.0.0.1 from a thread; yields the base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_tinyshakespeare_loads_from_a_cache_that_passes_the_sha256_check(seeded_data_dir):
+    text = load_text("tinyshakespeare")
+    assert len(text.encode()) == 1_115_394 and text.startswith("First Citizen:")
+
+
+def test_tinyshakespeare_cache_with_wrong_sha256_says_delete_and_rerun(data_dir):
+    data_dir.mkdir()
+    (data_dir / "tinyshakespeare.txt").write_text("not shakespeare")
+    with pytest.raises(ValueError, match=f"expected {TINYSHAKESPEARE_SHA256}: delete it"):
+        load_text("tinyshakespeare")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".md"])
+def test_local_text_file_loads_verbatim(tmp_path, data_dir, suffix):
+    path = tmp_path / f"notes{suffix}"
+    path.write_text("\n".join(ROWS), encoding="utf-8")
+    assert load_text(str(path)) == "\n".join(ROWS)
+
+
+def test_local_jsonl_loads_the_text_column(tmp_path, data_dir):
+    path = tmp_path / "stories.jsonl"
+    pd.DataFrame({"id": [1, 2, 3], "text": ROWS}).to_json(path, orient="records", lines=True, force_ascii=False)
+    assert load_text(str(path)) == "\n\n".join(ROWS)
+
+
+def test_local_csv_loads_a_named_column(tmp_path, data_dir):
+    path = tmp_path / "stories.csv"
+    pd.DataFrame({"id": [1, 2, 3], "story": ROWS}).to_csv(path, index=False)
+    assert load_text(str(path), column="story") == "\n\n".join(ROWS)
+
+
+def test_local_parquet_loads_the_text_column(tmp_path, data_dir):
+    path = tmp_path / "stories.parquet"
+    pd.DataFrame({"text": ROWS}).to_parquet(path)
+    assert load_text(str(path)) == "\n\n".join(ROWS)
+
+
+def test_folder_of_txt_files_loads_in_name_order(tmp_path, data_dir):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i, row in reversed(list(enumerate(ROWS))):
+        (folder / f"{i:02d}.txt").write_text(row, encoding="utf-8")
+    (folder / "skip.csv").write_text("not,text")
+    assert load_text(str(folder)) == "\n\n".join(ROWS)
+
+
+def test_url_is_downloaded_once_into_data_dir_and_then_cached(http_server, data_dir):
+    root, base = http_server
+    (root / "corpus.txt").write_text("served over http 🦙", encoding="utf-8")
+    assert load_text(f"{base}/corpus.txt") == "served over http 🦙"
+    (root / "corpus.txt").unlink()  # a second load must not need the server
+    assert load_text(f"{base}/corpus.txt") == "served over http 🦙"
+    assert [p.name.endswith("corpus.txt") for p in data_dir.iterdir()] == [True]
+
+
+def test_unreachable_url_says_where_to_save_the_file_by_hand(http_server, data_dir):
+    _, base = http_server
+    with pytest.raises(ConnectionError, match="save it as .*missing.txt"):
+        load_text(f"{base}/missing.txt")
+    assert not data_dir.exists() or not any(data_dir.iterdir())  # no partial file left behind
+
+
+@pytest.mark.parametrize("source", ["tinystories", "hf:roneneldan/TinyStories", "hf:someone/corpus:content:test"])
+def test_hub_sources_offline_fail_fast_saying_what_to_do(source, data_dir, hub_offline):
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE is set.*local path"):
+        load_text(source)
+    assert time.perf_counter() - start < 10
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_column_lists_the_columns_there_are(tmp_path, data_dir):
+    path = tmp_path / "stories.jsonl"
+    pd.DataFrame({"id": [1], "story": ["x"]}).to_json(path, orient="records", lines=True)
+    with pytest.raises(ValueError, match=r"no column 'text'; its columns are \['id', 'story'\]"):
+        load_text(str(path))
+
+
+def test_empty_file_is_an_error(tmp_path, data_dir):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="holds no text"):
+        load_text(str(tmp_path / "empty.txt"))
+
+
+def test_non_utf8_file_says_how_to_convert_it(tmp_path, data_dir):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8.*iconv"):
+        load_text(str(tmp_path / "latin1.txt"))
+
+
+def test_unknown_source_lists_the_sources(data_dir):
+    with pytest.raises(ValueError, match="unknown source 'tinyshakespear'.*'tinystories'"):
+        load_text("tinyshakespear")
+
+
+def test_missing_path_is_file_not_found(tmp_path, data_dir):
+    with pytest.raises(FileNotFoundError, match="no file or folder"):
+        load_text(str(tmp_path / "nope.txt"))
+
+
+def test_unsupported_file_type_is_an_error(tmp_path, data_dir):
+    (tmp_path / "book.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ValueError, match="unsupported file type '.pdf'"):
+        load_text(str(tmp_path / "book.pdf"))
+
+
+# ----------------------------------------------------------------------------- tokens and batches
+
+
+def test_validation_is_the_last_ten_percent_of_characters_as_in_nanogpt():
+    text = "".join(chr(65 + i % 26) for i in range(1001))
+    train, val = split_train_val(text)
+    assert train == text[: int(1001 * 0.9)] and train + val == text
+
+
+def test_prepare_data_char_tinyshakespeare_matches_nanogpt(seeded_data_dir):
+    data = prepare_data("tinyshakespeare", "char")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    assert len(data.tokenizer.chars) == 65  # nanoGPT's shakespeare_char vocabulary
+    assert data.train.dtype == np.uint16 and data.train_chars + data.val_chars == len(text)
+    assert (len(data.train), len(data.val)) == (1_003_854, 111_540)  # nanoGPT's printed counts
+    assert data.tokenizer.decode(data.val.tolist()) == text[data.train_chars :]
+
+
+def test_second_prepare_data_reads_cached_ids_without_encoding(seeded_data_dir, monkeypatch):
+    first = prepare_data("tinyshakespeare", "bpe:300")
+    monkeypatch.setattr("utils.tokenizer.TiktokenTokenizer.encode", lambda *a: pytest.fail("re-encoded"))
+    second = prepare_data("tinyshakespeare", "bpe:300")
+    assert np.array_equal(first.train, second.train) and np.array_equal(first.val, second.val)
+    assert second.tokenizer.vocab_size == 300
+
+
+def test_tokenizer_is_trained_on_the_train_split_only(tmp_path, data_dir):
+    path = tmp_path / "book.txt"
+    path.write_text("a" * 90 + "Ω" * 10, encoding="utf-8")
+    data = prepare_data(str(path), "char")
+    assert isinstance(data.tokenizer, CharTokenizer) and data.tokenizer.chars == "a"
+    assert data.tokenizer.decode(data.val.tolist()) == "Ω" * 10  # via the byte fallback
+
+
+def test_batches_are_windows_with_targets_shifted_by_one():
+    ids = np.arange(1000, dtype=np.uint16)
+    x, y = get_batch(ids, batch_size=4, block_size=8)
+    assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)
+
+
+def test_restoring_the_generator_state_repeats_the_batches():
+    ids, generator = np.arange(1000, dtype=np.uint16), torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    first = get_batch(ids, 4, 8, generator=generator)
+    generator.set_state(state)
+    second = get_batch(ids, 4, 8, generator=generator)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_exactly_one_window_of_tokens_is_enough():
+    x, y = get_batch(np.arange(9, dtype=np.uint16), batch_size=2, block_size=8)
+    assert torch.equal(x[0], torch.arange(8)) and torch.equal(y[1], torch.arange(1, 9))
+
+
+def test_too_few_tokens_names_both_numbers():
+    with pytest.raises(ValueError, match=r"val split has 50 tokens .* block_size \+ 1 = 257: use a smaller"):
+        get_batch(np.zeros(50, dtype=np.uint16), 4, 256, split="val")
+    with pytest.raises(ValueError, match="train split has 8 tokens"):
+        check_enough_tokens(8, 8, "train")
