@@ -1,0 +1,153 @@
+"""The trainer learns, resumes exactly, never loses a checkpoint, and stops cleanly on NaN."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from utils import train as train_mod
+from utils.data import prepare_data
+from utils.train import CKPT_FILE, TrainConfig, load_checkpoint, lr_at, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text, tokenized once for the whole module (char level)."""
+    d = tmp_path_factory.mktemp("data")
+    from tests.conftest import SHARED_CORPUS
+    text = SHARED_CORPUS.read_text()[:60_000] if SHARED_CORPUS.exists() else "To be, or not to be. " * 3000
+    (d / "small.txt").write_text(text)
+    return d, prepare_data(str(d / "small.txt"), "char", data_dir=d)
+
+
+def smoke_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(preset="smoke", tokenizer="char", block_size=32, batch_size=8, max_steps=12, eval_interval=4,
+                eval_windows=8, lr=3e-3, warmup_steps=3, out_dir=str(tmp_path / "run"), progress=False, seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_few_steps_lower_the_loss(tmp_path, corpus):
+    m = train(smoke_cfg(tmp_path, max_steps=60, eval_interval=30), data=corpus[1])
+    first = sum(h["train_loss"] for h in m["history"][:5]) / 5
+    last = sum(h["train_loss"] for h in m["history"][-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert m["val_loss"] < m["history"][0]["train_loss"]
+
+
+def test_metrics_json_has_the_promised_fields(tmp_path, corpus):
+    train(smoke_cfg(tmp_path, max_steps=4), data=corpus[1])
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("steps", "tokens_seen", "wall_seconds", "tokens_per_second", "val_loss", "val_loss_per_char",
+                "world_size", "history"):
+        assert key in m, key
+    assert m["steps"] == 4 and m["tokens_seen"] == 4 * 8 * 32 and m["world_size"] == 1
+    data = corpus[1]  # per char = per token * tokens / chars; char level: ~1 token per char
+    assert m["val_loss_per_char"] == pytest.approx(m["val_loss"] * len(data.val) / data.val_chars)
+
+
+def test_resume_after_n_steps_equals_uninterrupted_run(tmp_path, corpus):
+    kw = dict(max_steps=10, dropout=0.1, grad_accum=2)  # dropout: the RNG state must be restored too
+    full = train(smoke_cfg(tmp_path / "a", **kw), data=corpus[1])
+    train(smoke_cfg(tmp_path / "b", **kw), data=corpus[1], callback=lambda t: t.step == 6)  # "crash" at 6
+    assert load_checkpoint(tmp_path / "b" / "run")["step"] == 6
+    resumed = train(smoke_cfg(tmp_path / "b", **kw), data=corpus[1], resume=True)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    a = load_checkpoint(tmp_path / "a" / "run")["model"]
+    b = load_checkpoint(tmp_path / "b" / "run")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, corpus, monkeypatch):
+    cfg = smoke_cfg(tmp_path, max_steps=4)
+    train(cfg, data=corpus[1])
+    before = (tmp_path / "run" / CKPT_FILE).read_bytes()
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.seek(f.tell() // 2)
+        f.truncate()
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(train_mod.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train(smoke_cfg(tmp_path, max_steps=8), data=corpus[1], resume=True)
+    assert (tmp_path / "run" / CKPT_FILE).read_bytes() == before
+    assert load_checkpoint(tmp_path / "run")["step"] == 4
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    def poison(trainer):
+        if trainer.step == 5:
+            with torch.no_grad():
+                trainer.model.tok_embeddings.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match="loss became nan at step 6.*Lower --lr"):
+        train(smoke_cfg(tmp_path, max_steps=12), data=corpus[1], callback=poison)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_max_seconds_stops_the_run_and_drives_the_schedule(tmp_path, corpus):
+    m = train(smoke_cfg(tmp_path, max_steps=100_000, max_seconds=2.0, warmup_steps=1), data=corpus[1])
+    assert m["steps"] < 100_000 and 2.0 <= m["wall_seconds"] < 10
+    cfg = smoke_cfg(tmp_path, lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    assert lr_at(0.0, 0, cfg) == pytest.approx(0.1) and lr_at(1.0, 50, cfg) == pytest.approx(0.1)
+    assert lr_at(0.5, 50, cfg) == pytest.approx(0.55)
+
+
+def test_too_little_data_names_both_numbers(tmp_path, corpus):
+    with pytest.raises(ValueError, match=r"has \d+ tokens but one batch window needs block_size \+ 1 = 100001"):
+        train(smoke_cfg(tmp_path, block_size=100_000), data=corpus[1])
+
+
+@pytest.mark.parametrize("kw, words", [(dict(batch_size=0), "batch_size must be >= 1"),
+                                       (dict(dtype="fp8"), "dtype must be one of"),
+                                       (dict(max_seconds=-1.0), "max_seconds must be > 0")])
+def test_bad_training_settings(tmp_path, corpus, kw, words):
+    with pytest.raises(ValueError, match=words):
+        train(smoke_cfg(tmp_path, **kw), data=corpus[1])
+
+
+def cli(*args, env_extra=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    r = subprocess.run([sys.executable, "-m", "utils", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_cli_trains_end_to_end_then_generates_with_a_seed(tmp_path, corpus):
+    data_dir, _ = corpus
+    out = tmp_path / "cli"
+    r = cli("train", "--dataset", str(data_dir / "small.txt"), "--tokenizer", "char", "--preset", "smoke",
+            "--block-size", "32", "--batch-size", "8", "--max-steps", "20", "--eval-interval", "10",
+            "--out", str(out), "--no-progress", "--sample-tokens", "20", env_extra={"LLAMA_DATA_DIR": str(data_dir)})
+    assert "nats/char" in r.stdout and "--- sample ---" in r.stdout
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 20
+    args = ("generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "15", "--seed", "3")
+    a, b = cli(*args), cli(*args)
+    c = cli(*args[:-1], "4")
+    assert a.stdout.startswith("ROMEO:") and len(a.stdout) > len("ROMEO:")
+    assert a.stdout == b.stdout and a.stdout != c.stdout
+
+
+def test_cli_rejects_bad_flags_and_values(tmp_path):
+    r = cli("train", "--no-such-flag", check=False)
+    assert r.returncode == 2 and "unrecognized arguments: --no-such-flag" in r.stderr
+    r = cli("train", "--max-steps", "many", check=False)
+    assert r.returncode == 2 and "invalid int value: 'many'" in r.stderr
+    r = cli("train", "--dataset", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"), check=False)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = cli("generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "hi", check=False)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = cli("generate", "--checkpoint", "x", "--top-k", "0", check=False)
+    assert r.returncode == 2 and "must be a positive integer" in r.stderr
