@@ -151,3 +151,19 @@ def test_cli_rejects_bad_flags_and_values(tmp_path):
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = cli("generate", "--checkpoint", "x", "--top-k", "0", check=False)
     assert r.returncode == 2 and "must be a positive integer" in r.stderr
+
+
+def test_torchrun_with_two_processes_trains_data_parallel(tmp_path, corpus):
+    data_dir, _ = corpus
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "utils",
+           "train", "--dataset", str(data_dir / "small.txt"), "--tokenizer", "char", "--preset", "smoke",
+           "--block-size", "32", "--batch-size", "4", "--max-steps", "6", "--eval-interval", "3", "--out", str(out),
+           "--no-progress", "--sample-tokens", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLAMA_DATA_DIR": str(data_dir)}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["tokens_seen"] == 6 * 4 * 32 * 2
+    assert r.stdout.count("saved ") == 1, "only rank 0 reports"
+    assert len(load_checkpoint(out)["rng"]["batches"]) == 2, "every rank's batch sampler is saved for resume"

@@ -1,6 +1,7 @@
 """Command line: `python -m utils train ...` and `python -m utils generate ...` (`--help` on each)."""
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from typing import get_args
@@ -102,6 +103,8 @@ def run_train(args) -> int:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     metrics = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"\nsteps {metrics['steps']}  tokens {metrics['tokens_seen']:,}  {metrics['wall_seconds']:.0f} s  "
           f"{metrics['tokens_per_second']:,.0f} tok/s  val {metrics['val_loss']:.3f} nats/token  "
           f"{metrics['val_loss_per_char']:.3f} nats/char")

@@ -399,7 +399,11 @@ def train(cfg: TrainConfig, *, data: TokenData | None = None, resume: bool = Fal
 
     callback(trainer) runs after every step; returning True stops the run (it is then saved).
     """
-    return Trainer(cfg, data=data, resume=resume, callback=callback).run()
+    try:
+        return Trainer(cfg, data=data, resume=resume, callback=callback).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def config_fields() -> dict[str, object]:
