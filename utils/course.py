@@ -24,7 +24,9 @@ def setup_cell_source() -> str:
     """The second cell of every lesson: runs unchanged in Colab (clone + install) and locally."""
     name = REPO.split("/")[1]
     return f'''# Setup: in Colab, clone the course and install what Colab lacks; locally, find the repo root.
-import os, subprocess, sys
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 if "google.colab" in sys.modules and not Path("{name}").exists():
