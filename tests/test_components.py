@@ -13,6 +13,7 @@ from utils.rope import (
     apply_rotary_emb,
     apply_rotary_emb_complex,
     apply_rotary_emb_hf,
+    apply_rotary_emb_real,
     permute_hf_to_meta,
     permute_meta_to_hf,
     precompute_freqs_cis,
@@ -33,7 +34,11 @@ def test_rmsnorm_matches_torch_rmsnorm():
 def test_rope_real_form_equals_meta_complex_form():
     x = torch.randn(2, 9, 4, 16)
     cos, sin = rope_cos_sin(16, 9, theta=10000.0)
-    torch.testing.assert_close(apply_rotary_emb(x, cos, sin), apply_rotary_emb_complex(x, precompute_freqs_cis(16, 9)))
+    complex_form = apply_rotary_emb_complex(x, precompute_freqs_cis(16, 9))
+    torch.testing.assert_close(apply_rotary_emb_real(x, cos, sin), complex_form)
+    torch.testing.assert_close(apply_rotary_emb(x, cos, sin), complex_form)
+    compiled = torch.compile(apply_rotary_emb, backend="aot_eager")  # takes the real branch
+    torch.testing.assert_close(compiled(x, cos, sin), complex_form)
 
 
 def test_rope_conventions_differ_but_agree_after_permutation():
