@@ -6,7 +6,7 @@ validation loss in nats per *character*, so different tokenizers compare honestl
 after another in fresh processes; the table is printed as markdown.
 
     python benchmarks/train_shakespeare.py                   # the full grid, 150 s a run
-    python benchmarks/train_shakespeare.py --seconds 20 --only "bpe:2048 tiny 3e-3"
+    python benchmarks/train_shakespeare.py --seconds 20 --only "bpe:2048 tiny 0.003 32"
 """
 
 import argparse
@@ -20,27 +20,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (tokenizer, preset, lr, extra flags)
+# (tokenizer, preset, lr, batch size[, other flags]): one axis varied at a time around bpe:2048 / tiny / 3e-3 / 32
 GRID = [
-    ("char", "tiny", 3e-3, []),
-    ("bpe:1024", "tiny", 3e-3, []),
-    ("bpe:2048", "tiny", 3e-3, []),
-    ("bpe:4096", "tiny", 3e-3, []),
-    ("bpe:2048", "tiny", 1e-3, []),
-    ("bpe:2048", "tiny", 6e-3, []),
-    ("bpe:2048", "small", 3e-3, []),
-    ("bpe:2048", "small", 1e-3, []),
-    ("bpe:4096", "small", 3e-3, []),
+    ("char", "tiny", 3e-3, 32),
+    ("bpe:1024", "tiny", 3e-3, 32),
+    ("bpe:2048", "tiny", 3e-3, 32),
+    ("bpe:4096", "tiny", 3e-3, 32),
+    ("bpe:2048", "tiny", 3e-3, 16),
+    ("bpe:2048", "tiny", 6e-3, 16),
+    ("bpe:2048", "tiny", 1e-3, 16),
+    ("bpe:1024", "tiny", 3e-3, 16),
+    ("bpe:2048", "small", 3e-3, 16),
+    # round 2, around the best of round 1 (bpe:1024 / tiny / 3e-3 / 32)
+    ("bpe:512", "tiny", 3e-3, 32),
+    ("bpe:1024", "tiny", 3e-3, 32, "--tie-embeddings"),
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0"),
+    ("bpe:1024", "tiny", 3e-3, 32, "--beta2 0.99"),
+    ("bpe:1024", "tiny", 3e-3, 16, "--block-size 256"),
+    ("bpe:1024", "tiny", 2e-3, 32),
+    # round 3: decay to zero (the best of round 2) with other depths and widths
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --n-layers 3"),
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --dim 192 --n-heads 6"),
 ]
-COMMON = ["--block-size", "128", "--batch-size", "32", "--eval-interval", "100000", "--warmup-steps", "50",
+COMMON = ["--block-size", "128", "--min-lr-ratio", "0.1", "--eval-interval", "100000", "--warmup-steps", "50",
           "--no-progress", "--sample-tokens", "0"]
 
 
-def run(tokenizer: str, preset: str, lr: float, extra: list[str], seconds: float) -> dict:
+def run(tokenizer: str, preset: str, lr: float, batch_size: int, extra: str, seconds: float) -> dict:
     """Train one configuration for `seconds` in a fresh process; return its metrics.json."""
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     cmd = [sys.executable, "-m", "utils", "train", "--tokenizer", tokenizer, "--preset", preset, "--lr", str(lr),
-           "--max-steps", "1000000", "--max-seconds", str(seconds), "--out", str(out), *COMMON, *extra]
+           "--batch-size", str(batch_size), "--max-steps", "1000000", "--max-seconds", str(seconds), "--out", str(out),
+           *COMMON, *extra.split()]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics.json").read_text())
 
@@ -48,16 +59,20 @@ def run(tokenizer: str, preset: str, lr: float, extra: list[str], seconds: float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=150.0, help="training budget of each run")
-    p.add_argument("--only", action="append", help='run only "TOKENIZER PRESET LR" (repeatable)')
+    p.add_argument("--only", action="append", help='run only "TOKENIZER PRESET LR BATCH" (repeatable)')
+    p.add_argument("--start", type=int, default=0, help="skip the first START rows of the grid")
     args = p.parse_args()
-    grid = [g for g in GRID if not args.only or f"{g[0]} {g[1]} {g[2]:g}" in args.only]
+    grid = [g for g in GRID[args.start:] if not args.only or f"{g[0]} {g[1]} {g[2]:g} {g[3]}" in args.only]
     print(f"torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}, budget {args.seconds:g} s a run\n")
-    print("| tokenizer | preset | params | lr | steps | tokens seen | tok/s | val nats/token | val nats/char |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for tokenizer, preset, lr, extra in grid:
+    print("| tokenizer | preset | params | lr | batch | other flags | steps | tokens seen | tok/s | val nats/token "
+          "| val nats/char |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for tokenizer, preset, lr, batch_size, *extra in grid:
         t0 = time.time()
-        m = run(tokenizer, preset, lr, extra, args.seconds)
-        print(f"| {tokenizer} | {preset} | {m['params'] / 1e6:.2f}M | {lr:g} | {m['steps']} | {m['tokens_seen']:,} | "
+        extra = extra[0] if extra else ""
+        m = run(tokenizer, preset, lr, batch_size, extra, args.seconds)
+        print(f"| {tokenizer} | {preset} | {m['params'] / 1e6:.2f}M | {lr:g} | {batch_size} | {extra} | {m['steps']} | "
+              f"{m['tokens_seen']:,} | "
               f"{m['tokens_per_second']:,.0f} | {m['val_loss']:.3f} | **{m['val_loss_per_char']:.3f}** |", flush=True)
         print(f"<!-- {time.time() - t0:.0f} s wall including data preparation and the final evaluation -->",
               file=sys.stderr)

@@ -21,6 +21,7 @@ TRAIN_HELP = {
     "n_heads": "number of query heads (overrides the preset)",
     "n_kv_heads": "number of key/value heads; must divide n_heads (overrides the preset)",
     "dropout": "dropout probability on attention and residual branches",
+    "tie_embeddings": "share one matrix between the token embedding and the output layer",
     "block_size": "training context length in tokens (also the model's max_seq_len)",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches accumulated per optimizer step",

@@ -30,7 +30,7 @@ METRICS_FILE = "metrics.json"
 class TrainConfig:
     # data
     dataset: str = "tinyshakespeare"        # a source for utils.data.load_text
-    tokenizer: str = "bpe:2048"             # see utils.tokenizer.get_tokenizer
+    tokenizer: str = "bpe:1024"             # see utils.tokenizer.get_tokenizer
     # model: a preset, then overrides (None keeps the preset's value)
     preset: str = "tiny"
     dim: int | None = None
@@ -38,14 +38,15 @@ class TrainConfig:
     n_heads: int | None = None
     n_kv_heads: int | None = None
     dropout: float = 0.0
+    tie_embeddings: bool = False            # share the input embedding and the output layer
     block_size: int = 128                   # training context in tokens (the model's max_seq_len)
     # optimisation
     batch_size: int = 32                    # sequences per micro-batch
     grad_accum: int = 1                     # micro-batches per optimizer step
-    max_steps: int = 2000
+    max_steps: int = 600                    # defaults: ~150 s on a 2-core CPU (benchmarks/train_shakespeare.md)
     max_seconds: float | None = None        # wall-clock budget; the schedule then follows time
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0               # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -78,7 +79,7 @@ class TrainConfig:
         overrides = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
                      if getattr(self, k) is not None}
         return get_config(self.preset, vocab_size=vocab_size, max_seq_len=self.block_size,
-                          dropout=self.dropout, **overrides)
+                          dropout=self.dropout, tie_embeddings=self.tie_embeddings, **overrides)
 
 
 # ---- device and precision ---------------------------------------------------------------------
@@ -89,6 +90,8 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
+        if device.type == "cuda" and device.index is None:  # under torchrun, one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"device {name!r} asked for but MPS is not available: use --device cpu")
         return device
@@ -228,15 +231,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, callback=None):
         cfg.validate()
         self.rank, self.world = setup_distributed()
-        self.device = pick_device(cfg.device)
-        self.dtype = pick_dtype(cfg.dtype, self.device)
         self.out = Path(cfg.out_dir)
         self.callback = callback
         ckpt = load_checkpoint(self.out) if resume else None
-        if ckpt is not None:  # the run's shape and data come from the checkpoint; budgets from cfg
-            keep = {"max_steps", "max_seconds", "device", "progress", "out_dir", "compile", "eval_interval"}
+        if ckpt is not None:  # the run's shape and data come from the checkpoint; budgets and machine from cfg
+            keep = {"max_steps", "max_seconds", "device", "dtype", "progress", "out_dir", "compile", "eval_interval"}
             cfg = TrainConfig(**{**ckpt["train_config"], **{k: getattr(cfg, k) for k in keep}})
         self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
         self.data = data or prepare_data(cfg.dataset, cfg.tokenizer)
         check_enough_tokens(len(self.data.train), cfg.block_size, "training")
         self.eval_starts = val_windows(len(self.data.val), cfg.block_size, cfg.eval_windows)
@@ -295,8 +298,8 @@ class Trainer:
             p = max(p, self.seconds / self.cfg.max_seconds)
         return p
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss (a tensor, no sync)."""
+    def train_step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step over grad_accum micro-batches: (mean loss as a tensor, no sync; the lr used)."""
         cfg = self.cfg
         lr = lr_at(self.progress(), self.step, cfg)
         for group in self.optimizer.param_groups:
@@ -318,8 +321,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += cfg.batch_size * cfg.block_size * cfg.grad_accum * self.world
-        return total
+        self.tokens_seen += self.tokens_per_step
+        return total, lr
 
     def validate(self, full: bool = False) -> dict:
         """Validation loss in nats per token and per character (fixed windows, or the whole split)."""
@@ -328,10 +331,10 @@ class Trainer:
         total, scored = evaluate(self.model, d.val, starts, T, self.device, self.autocast)
         return {"val_loss": total / scored, "val_loss_per_char": per_char(total, scored, len(d.val), d.val_chars)}
 
-    def _record(self, losses: list[torch.Tensor], first_step: int) -> None:
-        """Move pending losses to the history (one host sync), stopping the run on NaN or infinity."""
-        values = torch.stack(losses).tolist()
-        for i, loss in enumerate(values):
+    def _record(self, pending: list[tuple[torch.Tensor, float]], first_step: int) -> None:
+        """Move pending (loss, lr) pairs to the history (one host sync), stopping the run on NaN or infinity."""
+        values = torch.stack([loss for loss, _ in pending]).tolist()
+        for i, (loss, (_, lr)) in enumerate(zip(values, pending)):
             if not math.isfinite(loss):
                 kept = self.out / CKPT_FILE
                 raise FloatingPointError(
@@ -339,14 +342,14 @@ class Trainer:
                     f"is {kept if kept.exists() else 'none (no checkpoint was written yet)'}. Lower --lr "
                     f"(now {self.cfg.lr}), raise --warmup-steps or use --dtype fp32, then --resume or start over.")
             self.history.append({"step": first_step + i, "tokens": (first_step + i) * self.tokens_per_step,
-                                 "train_loss": loss, "lr": lr_at(self.progress(), first_step + i - 1, self.cfg)})
+                                 "train_loss": loss, "lr": lr})
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum * self.world
 
     def run(self) -> dict:
-        """Train until max_steps or max_seconds; validate and checkpoint every eval_interval steps."""
+        """Train until max_steps or max_seconds; validate and checkpoint every eval_interval steps and at the end."""
         cfg = self.cfg
         sync_every = 1 if self.device.type != "cuda" else 20  # on GPUs, let the CPU run ahead
         bar = self._progress_bar()
@@ -355,8 +358,9 @@ class Trainer:
             pending.append(self.train_step())
             self.seconds = time.perf_counter() - start
             out_of_time = cfg.max_seconds is not None and self.seconds >= cfg.max_seconds
-            at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps or out_of_time
-            if len(pending) >= sync_every or at_eval:
+            last = out_of_time or self.step == cfg.max_steps  # finish() validates and saves those
+            at_eval = self.step % cfg.eval_interval == 0 and not last
+            if len(pending) >= sync_every or at_eval or last:
                 self._record(pending, self.step - len(pending) + 1)
                 pending = []
                 bar.update(self.step - bar.n)
@@ -381,6 +385,8 @@ class Trainer:
     def finish(self) -> dict:
         """Evaluate on the whole validation split, save, and write metrics.json."""
         final = self.validate(full=True)
+        if self.history:
+            self.history[-1].update(final)
         self.save()
         metrics = {
             "steps": self.step, "tokens_seen": self.tokens_seen, "wall_seconds": round(self.seconds, 3),
