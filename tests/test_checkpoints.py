@@ -457,3 +457,32 @@ def test_missing_tokenizer_library_says_what_to_install(tmp_path, monkeypatch, l
     monkeypatch.setitem(sys.modules, library, None)  # import now raises ImportError
     with pytest.raises(ImportError, match=f"pip install {library}"):
         load_pretrained_tokenizer(tmp_path)
+
+
+# ---- the command line takes every format ---------------------------------------------------------------
+
+def run_cli_generate(path, *extra):
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "utils", "generate", "--checkpoint", str(path), "--prompt", "hello",
+                           "--max-new-tokens", "8", "--seed", "0", *extra], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_generates_from_hf_folder_and_llama2c_bin(tmp_path):
+    hf_dir, c_dir = tmp_path / "hf", tmp_path / "c"
+    hf_dir.mkdir()
+    c_dir.mkdir()
+    make_hf(4, 2, True).save_pretrained(hf_dir)
+    write_tokenizer_json(hf_dir)
+    write_llama2c_v1(random_llama(), c_dir / "model.bin")
+    write_sentencepiece_model(c_dir)
+    for path in (hf_dir, c_dir / "model.bin"):
+        r = run_cli_generate(path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.startswith("hello")
+    (hf_dir / "tokenizer.json").unlink()
+    r = run_cli_generate(hf_dir)
+    assert r.returncode == 2 and "ships no tokenizer" in r.stderr
