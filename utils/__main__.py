@@ -142,7 +142,9 @@ def run_generate(args) -> int:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     device = pick_device(args.device)
     model, tok = load_for_generation(args.checkpoint, device)
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id if tok.eot_id is not None else 0]
+    start = getattr(tok, "bos_id", None)  # Meta's tokenizers start from BOS, ours from end-of-text
+    start = start if start is not None and start >= 0 else (tok.eot_id if tok.eot_id is not None else 0)
+    ids = tok.encode(args.prompt) if args.prompt else [start]
     if len(ids) >= model.config.max_seq_len:
         raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {model.config.max_seq_len}: "
                          "shorten the prompt")
@@ -150,18 +152,21 @@ def run_generate(args) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
     print(args.prompt, end="", flush=True)
+    # Decode prompt + new tokens together and print what is new: SentencePiece drops the leading
+    # space of a sequence's first piece, so decoding the new tokens alone would glue words together.
+    context = ids if args.prompt else []
     new: list[int] = []
-    shown = ""
+    shown = tok.decode(context) if context else ""
     for token in stream(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         stop_token=tok.eot_id, generator=gen):
         if token.item() == tok.eot_id:
             break
         new.append(token.item())
-        text = tok.decode(new)
+        text = tok.decode(context + new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[len(shown):], end="", flush=True)
             shown = text
-    print(tok.decode(new)[len(shown):])
+    print(tok.decode(context + new)[len(shown):])
     return 0
 
 

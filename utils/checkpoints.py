@@ -587,7 +587,7 @@ def hf_state_dict_from_meta(model: Llama) -> dict:
             w = permute_meta_to_hf(w, c.n_heads)
         elif k.endswith("attention.wk.weight"):
             w = permute_meta_to_hf(w, c.n_kv_heads)
-        out[_hf_name(k)] = w.detach().cpu().contiguous().clone()
+        out[_hf_name(k)] = w.detach().cpu().contiguous()
     return out
 
 

@@ -30,7 +30,7 @@ def _check_args(model: Llama, prompt: torch.Tensor, max_new_tokens: int, tempera
                 top_k: int | None, top_p: float | None) -> None:
     if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.int64, torch.int32) or prompt.dim() != 2:
         desc = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-        raise ValueError(f"prompt must be an int64 tensor of shape (batch, seq_len), got {desc}: "
+        raise ValueError(f"prompt must be an int64 (or int32) tensor of shape (batch, seq_len), got {desc}: "
                          "use torch.tensor([ids], dtype=torch.long)")
     if prompt.shape[1] == 0:
         raise ValueError("prompt is empty: give at least one token (e.g. the end-of-text id)")
@@ -57,6 +57,7 @@ def stream(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperatu
     With the cache the prompt is processed once (prefill), then each step feeds one token
     (decode). Without it every step re-runs the whole sequence: same tokens, O(n^2) work.
     Stops early once every row has produced `stop_token`; finished rows keep emitting it.
+    With use_cache, it allocates the model's caches for this call and frees them at the end.
     Arguments are checked here, before the first token, not when iteration starts.
     """
     _check_args(model, prompt, max_new_tokens, temperature, top_k, top_p)
@@ -84,7 +85,7 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache,
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             if done.all():
                 break
-            if use_cache and seq.shape[1] < prompt.shape[1] + max_new_tokens:
+            if use_cache and seq.shape[1] < prompt.shape[1] + max_new_tokens:  # no forward after the last token
                 logits = model(nxt[:, None], start_pos=seq.shape[1] - 1)[:, -1]
     finally:
         if use_cache:

@@ -93,6 +93,8 @@ def get_config(name: str, **overrides) -> LlamaConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
     base = PRESETS[name]
+    if "n_heads" in overrides and base.n_kv_heads == base.n_heads:
+        overrides.setdefault("n_kv_heads", None)  # a multi-head preset stays multi-head
     if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
         overrides.setdefault("hidden_dim", None)  # recompute the SwiGLU width for the new shape
     return replace(base, **overrides)
@@ -164,7 +166,7 @@ class Llama(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, start_pos: int) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be an int64 tensor of token ids, got {got}: "
+            raise ValueError(f"tokens must be an int64 (or int32) tensor of token ids, got {got}: "
                              "use torch.tensor(ids, dtype=torch.long)")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}: "

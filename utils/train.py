@@ -106,7 +106,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """bf16 where the GPU has it, fp16 (with loss scaling) on older GPUs such as the T4, else fp32."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            native = torch.cuda.is_bf16_supported(including_emulation=False)  # a T4 only emulates bf16
+            return torch.bfloat16 if native else torch.float16
         return torch.float32  # CPU bf16 autocast is slower than fp32 on most CPUs; MPS: fp32 is safest
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
@@ -190,37 +191,35 @@ def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: train first (python -m utils train --out {out_dir}) "
                                 "or point --out/--checkpoint at a folder that has one")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return torch.load(path, map_location=map_location, weights_only=True)  # a downloaded pickle runs no code
 
 
 def load_model(out_dir: str | Path, device="cpu") -> tuple[Llama, object]:
     """(model in eval mode, tokenizer) from a folder written by `train`."""
-    ckpt = load_checkpoint(out_dir, map_location=device)
-    model = Llama(LlamaConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), load_tokenizer(out_dir)
+    from .checkpoints import load_pretrained
+
+    return load_pretrained(out_dir, device=device), load_tokenizer(out_dir)
 
 
 # ---- distributed ------------------------------------------------------------------------------
 
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world_size). Under torchrun, join the process group (NCCL on GPUs, Gloo on CPUs)."""
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world_size). Under torchrun, join the process group (NCCL for GPUs, Gloo for CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def gather_generator_states(gen: torch.Generator, world: int) -> list[torch.Tensor]:
-    """Every rank's batch-sampler state, so a resumed multi-GPU run draws the same batches."""
+def gather_from_ranks(obj, world: int) -> list:
+    """Every rank's `obj` (e.g. RNG states), so a resumed multi-GPU run continues as each rank would have."""
     if world == 1:
-        return [gen.get_state()]
-    states = [None] * world
-    dist.all_gather_object(states, gen.get_state())
-    return states
+        return [obj]
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 # ---- the training loop ------------------------------------------------------------------------
@@ -230,7 +229,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, callback=None):
         cfg.validate()
-        self.rank, self.world = setup_distributed()
+        self.rank, self.world = setup_distributed(pick_device(cfg.device))
         self.out = Path(cfg.out_dir)
         self.callback = callback
         ckpt = load_checkpoint(self.out) if resume else None
@@ -262,21 +261,26 @@ class Trainer:
         tok = self.data.tokenizer
         if ckpt["tokenizer"] != tok.name or ckpt["config"]["vocab_size"] != tok.vocab_size:
             raise ValueError(f"checkpoint was trained with tokenizer {ckpt['tokenizer']} "
-                             f"but the data uses {self.data.tokenizer.name}: resume with the same --tokenizer")
+                             f"({ckpt['config']['vocab_size']} ids) but the data gives {tok.name} ({tok.vocab_size} "
+                             "ids): resume with the same --tokenizer and --dataset")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the saved run did not use fp16
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens_seen"]
         self.seconds, self.history = ckpt["seconds"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-        states = ckpt["rng"]["batches"]
-        self.batches.set_state(states[self.rank] if self.rank < len(states) else states[0])
+        mine = lambda states: states[self.rank] if self.rank < len(states) else states[0]
+        torch.set_rng_state(mine(ckpt["rng"]["torch"]))
+        if self.device.type == "cuda" and ckpt["rng"]["cuda"][0] is not None:
+            torch.cuda.set_rng_state(mine(ckpt["rng"]["cuda"]), self.device)
+        self.batches.set_state(mine(ckpt["rng"]["batches"]))
 
     def save(self) -> None:
         """Write ckpt.pt (atomically) and the tokenizer into out_dir; only rank 0 writes."""
-        gen_states = gather_generator_states(self.batches, self.world)
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng = {"torch": gather_from_ranks(torch.get_rng_state(), self.world),
+               "cuda": gather_from_ranks(cuda_rng, self.world),
+               "batches": gather_from_ranks(self.batches.get_state(), self.world)}
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -286,17 +290,24 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
             "seconds": self.seconds, "history": self.history, "tokenizer": self.data.tokenizer.name,
             "dataset": self.data.source,
-            "rng": {"torch": torch.get_rng_state(), "batches": gen_states,
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "rng": rng,
         }, self.out / CKPT_FILE)
         self.data.tokenizer.save(self.out)
 
     def progress(self) -> float:
-        """Fraction of the budget used: steps, or time when a time budget runs out first."""
-        p = self.step / self.cfg.max_steps
-        if self.cfg.max_seconds:
-            p = max(p, self.seconds / self.cfg.max_seconds)
+        """Fraction of the decay phase done: steps after warmup, or time when a time budget runs out first."""
+        cfg = self.cfg
+        p = (self.step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+        if cfg.max_seconds:
+            p = max(p, self.seconds / cfg.max_seconds)
         return p
+
+    def _sync_clock(self) -> None:
+        """Under DDP every rank takes rank 0's clock, so all agree on the lr and on when time is up."""
+        if self.world > 1:
+            t = torch.tensor([self.seconds], dtype=torch.float64, device=self.device)
+            dist.broadcast(t, src=0)
+            self.seconds = t.item()
 
     def train_step(self) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches: (mean loss as a tensor, no sync; the lr used)."""
@@ -357,6 +368,7 @@ class Trainer:
         while self.step < cfg.max_steps and not stopped:
             pending.append(self.train_step())
             self.seconds = time.perf_counter() - start
+            self._sync_clock()
             out_of_time = cfg.max_seconds is not None and self.seconds >= cfg.max_seconds
             last = out_of_time or self.step == cfg.max_steps  # finish() validates and saves those
             at_eval = self.step % cfg.eval_interval == 0 and not last
