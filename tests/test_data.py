@@ -244,3 +244,13 @@ def test_too_few_tokens_names_both_numbers():
         get_batch(np.zeros(50, dtype=np.uint16), 4, 256, split="val")
     with pytest.raises(ValueError, match="train split has 8 tokens"):
         check_enough_tokens(8, 8, "train")
+
+
+def test_download_with_the_wrong_sha256_is_rejected_and_not_cached(http_server, tmp_path):
+    from utils.data import download
+    root, base = http_server
+    (root / "corpus.txt").write_text("not the file you expected", encoding="utf-8")
+    target = tmp_path / "cache" / "corpus.txt"
+    with pytest.raises(ValueError, match="download was corrupted or the file there changed"):
+        download(f"{base}/corpus.txt", target, sha256=TINYSHAKESPEARE_SHA256)
+    assert not target.exists() and not any(target.parent.iterdir())

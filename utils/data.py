@@ -124,9 +124,9 @@ def download(url: str, path: Path, *, sha256: str | None = None) -> Path:
         try:
             with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
                 shutil.copyfileobj(response, f)
-            _check_sha256(Path(tmp), sha256, url)
+            _check_sha256(Path(tmp), sha256, url, fresh=True)
             os.replace(tmp, path)
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # not disk errors: those say so
             raise ConnectionError(f"could not download {url} ({e}): connect to the internet, or download it "
                                   f"yourself and save it as {path}, or pass a local text file as the source") from e
         finally:
@@ -135,11 +135,14 @@ def download(url: str, path: Path, *, sha256: str | None = None) -> Path:
     return path
 
 
-def _check_sha256(path: Path, sha256: str | None, url: str) -> None:
+def _check_sha256(path: Path, sha256: str | None, url: str, fresh: bool = False) -> None:
     """Raise if `path`'s sha256 is not the expected one."""
     if sha256 is None:
         return
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256 and fresh:
+        raise ValueError(f"the file downloaded from {url} has sha256 {digest}, expected {sha256}: the download "
+                         "was corrupted or the file there changed; run again, or pass a local copy as the source")
     if digest != sha256:
         raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: delete it and run again "
                          f"to re-download it from {url}")
