@@ -548,12 +548,14 @@ def load_pretrained(path: str | Path, *, device="cpu", dtype=None, max_seq_len: 
     return build_model(config, sd, f"{path} ({fmt})", device=device, dtype=dtype)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), flush it to disk, then rename over `path`: a crash never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -600,8 +602,8 @@ def save_hf(model: Llama, directory: str | Path, *, bos_token_id: int | None = N
     directory.mkdir(parents=True, exist_ok=True)
     sd = hf_state_dict_from_meta(model)
     config = hf_config_dict(model.config, model.tok_embeddings.weight.dtype, bos_token_id, eos_token_id)
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoints import atomic_write, load_pretrained
 from .data import TokenData, check_enough_tokens, get_batch, prepare_data
 from .model import Llama, LlamaConfig, get_config
 from .tokenizer import load_tokenizer
@@ -155,7 +156,7 @@ def evaluate(model: Llama, ids: np.ndarray, starts: np.ndarray, block_size: int,
         w = torch.from_numpy(ids[s[:, None] + np.arange(block_size + 1)].astype(np.int64)).to(device)
         with autocast:
             logits = model(w[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
+        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()  # fp32 logits
         count += w[:, 1:].numel()
     model.train()
     return total, count
@@ -169,20 +170,11 @@ def per_char(total_nats: float, tokens_scored: int, n_tokens: int, n_chars: int)
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, flush it to disk, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """torch.save through `atomic_write`: a crash mid-write leaves the previous file intact."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(Path(path), write)
 
 
 def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
@@ -196,8 +188,6 @@ def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
 
 def load_model(out_dir: str | Path, device="cpu") -> tuple[Llama, object]:
     """(model in eval mode, tokenizer) from a folder written by `train`."""
-    from .checkpoints import load_pretrained
-
     return load_pretrained(out_dir, device=device), load_tokenizer(out_dir)
 
 
@@ -408,7 +398,7 @@ class Trainer:
             "train_config": asdict(self.cfg), "history": self.history,
         }
         if self.rank == 0:
-            atomic_write_text(json.dumps(metrics, indent=1), self.out / METRICS_FILE)
+            atomic_write(self.out / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
         return metrics
 
 
