@@ -1,0 +1,22 @@
+#!/bin/bash
+# One pass over the GPU paths, for a lent GPU machine: the CUDA tests, the Colab T4 recipe in fp16,
+# the same in bf16 with torch.compile, the default CPU recipe on the GPU, the speed benchmark.
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PY:-python3}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+echo "== CUDA tests"
+timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
+T4="--preset colab-t4 --tokenizer bpe:1024 --block-size 256 --batch-size 64 --lr 1e-3 --dropout 0.2 --max-steps 5000 --eval-interval 500 --no-progress"
+echo "== colab-t4 recipe, fp16 + loss scaling, 90 s"
+timeout 200 $PY -m utils train $T4 --dtype fp16 --max-seconds 90 --out /tmp/t4-fp16 && cp /tmp/t4-fp16/metrics.json "$OUT/t4_fp16.json"
+echo "== colab-t4 recipe, bf16 + torch.compile, 90 s"
+timeout 240 $PY -m utils train $T4 --dtype bf16 --compile --max-seconds 90 --out /tmp/t4-bf16c && cp /tmp/t4-bf16c/metrics.json "$OUT/t4_bf16_compile.json"
+echo "== generate on the GPU"
+timeout 60 $PY -m utils generate --checkpoint /tmp/t4-fp16 --prompt "ROMEO:" --max-new-tokens 80 --seed 1 --device cuda
+echo "== default recipe (CPU defaults) on the GPU"
+timeout 120 $PY -m utils train --no-progress --out /tmp/default && cp /tmp/default/metrics.json "$OUT/default_gpu.json"
+echo "== speed"
+timeout 150 $PY benchmarks/speed.py --device cuda --dtype bf16 --dim 1024 --n-layers 12 --n-heads 16 --n-kv-heads 4 --vocab-size 32000 --batch 8 --seq 1024
