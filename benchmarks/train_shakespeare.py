@@ -41,8 +41,15 @@ GRID = [
     # round 3: decay to zero (the best of round 2) with other depths and widths
     ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --n-layers 3"),
     ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --dim 192 --n-heads 6"),
+    # round 4: the model memorises the 1 MB corpus (train 3.1 vs val 3.6 nats/token), so regularise;
+    # dropout halves the CPU throughput, weight decay is free
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --weight-decay 0.5"),
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --weight-decay 1.0"),
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --weight-decay 2.0"),
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --dropout 0.1"),
 ]
-COMMON = ["--block-size", "128", "--min-lr-ratio", "0.1", "--eval-interval", "100000", "--warmup-steps", "50",
+COMMON = ["--block-size", "128", "--min-lr-ratio", "0.1", "--weight-decay", "0.1", "--eval-interval", "100000",
+          "--warmup-steps", "50",
           "--no-progress", "--sample-tokens", "0"]
 
 

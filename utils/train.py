@@ -49,7 +49,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.0               # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
-    weight_decay: float = 0.1
+    weight_decay: float = 1.0               # strong: 1M params memorise 1 MB of text (benchmarks/train_shakespeare.md)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
