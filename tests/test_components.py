@@ -151,3 +151,38 @@ def test_rope_tables_stay_float32_after_casting_the_model():
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.float32
     assert "rope_cos" not in model.state_dict()
+
+
+def test_cpu_bf16_autocast_attends_in_fp32_and_stays_close_to_fp32(monkeypatch):
+    # CPU bf16 training (picked on AMX CPUs) keeps attention in fp32: PyTorch's bf16 CPU attention
+    # backward is several times slower. The logits and gradients must stay close to fp32's.
+    torch.manual_seed(0)
+    model = Llama(get_config("smoke", vocab_size=97, max_seq_len=32))
+    x = torch.randint(0, 97, (2, 32))
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr("utils.attention.F.scaled_dot_product_attention", spy)
+    ref = model(x)
+    ref.square().mean().backward()
+    g_ref = model.layers[0].attention.wq.weight.grad.clone()
+    model.zero_grad()
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.square().mean().backward()
+    assert seen == [(torch.float32, False)] * model.config.n_layers
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    g = model.layers[0].attention.wq.weight.grad
+    assert torch.isfinite(g).all() and F.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0) > 0.99
+
+
+def test_auto_dtype_uses_bf16_on_cpus_with_amx_only():
+    from utils.train import cpu_has_bf16_matmul, pick_dtype
+    expected = torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == expected
+    assert pick_dtype("fp32", torch.device("cpu")) == torch.float32

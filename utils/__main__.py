@@ -38,7 +38,8 @@ TRAIN_HELP = {
     "eval_interval": "validate and write a checkpoint every this many steps",
     "eval_windows": "validation windows used during training (the final evaluation uses the whole split)",
     "device": "auto (cuda, then mps, then cpu), or a device such as cpu, cuda, cuda:1, mps",
-    "dtype": "auto (bf16 where supported, fp16 + loss scaling on older GPUs, fp32 on cpu/mps), fp32, bf16, fp16",
+    "dtype": "auto (bf16 where the hardware has it: GPUs since Ampere, CPUs with AMX; fp16 + loss scaling on "
+             "older GPUs; else fp32), fp32, bf16, fp16",
     "compile": "compile the model with torch.compile (faster on recent GPUs, slow to start)",
     "seed": "random seed for initialisation, batches and dropout",
     "out_dir": "folder for ckpt.pt, the tokenizer and metrics.json",

@@ -5,6 +5,8 @@ multi-head attention (MHA), n_kv_heads == 1 is multi-query attention (MQA), anyt
 GQA (Ainslie et al., 2023). Fewer K/V heads mean fewer parameters and, above all, a smaller cache.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,11 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # CPU bf16 autocast: rotate and attend in fp32, since PyTorch's CPU attention backward is ~7x
+        # slower in bf16 than in fp32; the projections around it still run in bf16 (AMX)
+        cpu_amp = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_amp:
+            q, k, v = q.float(), k.float(), v.float()
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
@@ -101,10 +108,11 @@ class Attention(nn.Module):
             is_causal = True  # plain causal: top-left and bottom-right alignment coincide
         elif T > 1:
             mask = causal_mask(T, S, device=x.device)  # a chunk after cached tokens
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, n_heads, T, hd)
+        with torch.autocast("cpu", enabled=False) if cpu_amp else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, n_heads, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
