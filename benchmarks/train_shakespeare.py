@@ -47,9 +47,14 @@ GRID = [
     ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --weight-decay 1.0"),
     ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --weight-decay 2.0"),
     ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --dropout 0.1"),
+    # round 4b: bf16 where the CPU has AMX (dtype auto), weight decay 1.0: the current defaults
+    ("bpe:1024", "tiny", 3e-3, 32, "--min-lr-ratio 0 --weight-decay 1.0 --dtype auto"),
+    ("bpe:1024", "tiny", 3e-3, 48, "--min-lr-ratio 0 --weight-decay 1.0 --dtype auto"),
+    ("bpe:1024", "tiny", 4e-3, 32, "--min-lr-ratio 0 --weight-decay 1.0 --dtype auto"),
+    ("bpe:2048", "tiny", 3e-3, 32, "--min-lr-ratio 0 --weight-decay 1.0 --dtype auto"),
 ]
-COMMON = ["--block-size", "128", "--min-lr-ratio", "0.1", "--weight-decay", "0.1", "--eval-interval", "100000",
-          "--warmup-steps", "50",
+COMMON = ["--block-size", "128", "--min-lr-ratio", "0.1", "--weight-decay", "0.1", "--dtype", "fp32",
+          "--eval-interval", "100000", "--warmup-steps", "50",
           "--no-progress", "--sample-tokens", "0"]
 
 
