@@ -116,7 +116,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             native = torch.cuda.is_bf16_supported(including_emulation=False)  # a T4 only emulates bf16
             return torch.bfloat16 if native else torch.float16
         if device.type == "cpu" and cpu_has_bf16_matmul():
-            return torch.bfloat16  # AMX: 1.3-1.5x faster training steps (benchmarks/train_shakespeare.md)
+            return torch.bfloat16  # AMX: 1.2-1.5x faster training steps (benchmarks/train_shakespeare.md)
         return torch.float32  # other CPUs emulate bf16 (slower than fp32); MPS: fp32 is safest
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
