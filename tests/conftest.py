@@ -20,3 +20,15 @@ def seeded_corpus_cache():
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(SHARED_CORPUS, target)
     return target
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(folder, TokenData): the first 60k characters of the corpus, char-level, tokenized once per module."""
+    from utils.data import prepare_data
+
+    d = tmp_path_factory.mktemp("data")
+    src = SHARED_CORPUS if SHARED_CORPUS.exists() else ROOT / "data" / "tinyshakespeare.txt"
+    text = src.read_text()[:60_000] if src.exists() else "To be, or not to be. " * 3000
+    (d / "small.txt").write_text(text)
+    return d, prepare_data(str(d / "small.txt"), "char", data_dir=d)

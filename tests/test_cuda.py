@@ -52,18 +52,6 @@ def test_logits_match_hf_on_cuda():
         assert (a - b).abs().max() < 0.1
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from tests.conftest import ROOT, SHARED_CORPUS
-    from utils.data import prepare_data
-
-    d = tmp_path_factory.mktemp("data")
-    src = SHARED_CORPUS if SHARED_CORPUS.exists() else ROOT / "data" / "tinyshakespeare.txt"
-    text = src.read_text()[:60_000] if src.exists() else "To be, or not to be. " * 3000
-    (d / "small.txt").write_text(text)
-    return prepare_data(str(d / "small.txt"), "char", data_dir=d)
-
-
 def gpu_cfg(tmp_path, **kw) -> TrainConfig:
     base = dict(preset="smoke", tokenizer="char", block_size=32, batch_size=16, max_steps=60, eval_interval=30,
                 eval_windows=8, lr=3e-3, warmup_steps=5, out_dir=str(tmp_path / "run"), progress=False,
@@ -73,7 +61,7 @@ def gpu_cfg(tmp_path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "auto"])
 def test_mixed_precision_training_learns(tmp_path, corpus, dtype):
-    m = train(gpu_cfg(tmp_path, dtype=dtype), data=corpus)
+    m = train(gpu_cfg(tmp_path, dtype=dtype), data=corpus[1])
     first = sum(h["train_loss"] for h in m["history"][:5]) / 5
     last = sum(h["train_loss"] for h in m["history"][-5:]) / 5
     assert last < first - 1.0, (first, last)
@@ -87,16 +75,16 @@ def test_mixed_precision_training_learns(tmp_path, corpus, dtype):
 
 def test_fp16_resume_equals_uninterrupted_run(tmp_path, corpus):
     kw = dict(dtype="fp16", max_steps=10, eval_interval=100)
-    full = train(gpu_cfg(tmp_path / "a", **kw), data=corpus)
-    train(gpu_cfg(tmp_path / "b", **kw), data=corpus, callback=lambda t: t.step == 6)
-    resumed = train(gpu_cfg(tmp_path / "b", **kw), data=corpus, resume=True)
+    full = train(gpu_cfg(tmp_path / "a", **kw), data=corpus[1])
+    train(gpu_cfg(tmp_path / "b", **kw), data=corpus[1], callback=lambda t: t.step == 6)
+    resumed = train(gpu_cfg(tmp_path / "b", **kw), data=corpus[1], resume=True)
     # GPU kernels may add in a different order from run to run, so equal to rounding, not bit for bit
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]],
                                                                           rel=1e-4)
 
 
 def test_compiled_training_saves_a_plain_checkpoint(tmp_path, corpus):
-    m = train(gpu_cfg(tmp_path, compile=True, dtype="bf16", max_steps=30), data=corpus)
+    m = train(gpu_cfg(tmp_path, compile=True, dtype="bf16", max_steps=30), data=corpus[1])
     assert m["val_loss"] < m["history"][0]["train_loss"] - 0.5
     ckpt = load_checkpoint(tmp_path / "run")
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])

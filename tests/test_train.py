@@ -9,20 +9,9 @@ import pytest
 import torch
 
 from utils import train as train_mod
-from utils.data import prepare_data
 from utils.train import CKPT_FILE, TrainConfig, load_checkpoint, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small text, tokenized once for the whole module (char level)."""
-    d = tmp_path_factory.mktemp("data")
-    from tests.conftest import SHARED_CORPUS
-    text = SHARED_CORPUS.read_text()[:60_000] if SHARED_CORPUS.exists() else "To be, or not to be. " * 3000
-    (d / "small.txt").write_text(text)
-    return d, prepare_data(str(d / "small.txt"), "char", data_dir=d)
 
 
 def smoke_cfg(tmp_path, **kw) -> TrainConfig:

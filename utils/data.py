@@ -140,12 +140,13 @@ def _check_sha256(path: Path, sha256: str | None, url: str, fresh: bool = False)
     if sha256 is None:
         return
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sha256 and fresh:
+    if digest == sha256:
+        return
+    if fresh:
         raise ValueError(f"the file downloaded from {url} has sha256 {digest}, expected {sha256}: the download "
                          "was corrupted or the file there changed; run again, or pass a local copy as the source")
-    if digest != sha256:
-        raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: delete it and run again "
-                         f"to re-download it from {url}")
+    raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: delete it and run again "
+                     f"to re-download it from {url}")
 
 
 def load_hub_text(repo: str, *, column: str = "text", split: str = "train", limit: int | None = None) -> str:
