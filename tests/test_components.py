@@ -1,5 +1,7 @@
 """Each component against a reference we did not write, or against a property it must have."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from torch import nn
 from utils.attention import Attention, causal_mask, repeat_kv
 from utils.feedforward import FeedForward, swiglu_hidden_dim
 from utils.model import PRESETS, Llama, LlamaConfig, count_params, flops_per_token, get_config
-from utils.norm import RMSNorm
+from utils.norm import RMSNorm, rms_norm
 from utils.rope import (
     apply_rotary_emb,
     apply_rotary_emb_complex,
@@ -29,6 +31,29 @@ def test_rmsnorm_matches_torch_rmsnorm():
         ref.weight.copy_(ours.weight)
     x = torch.randn(3, 5, 64) * 4
     torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_rmsnorm_hand_written_backward_matches_autograd():
+    # utils' RMSNorm has its own backward: its gradients must equal autograd's through torch.nn.RMSNorm
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(64, eps=1e-6), nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64))
+        ref.weight.copy_(ours.weight)
+    x = (torch.randn(3, 5, 64) * 4).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(3, 5, 64)
+    ours(x).backward(g)
+    ref(x_ref).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    # float64 finite differences, and a bf16 input: the gradient comes back in the input's dtype
+    x64 = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rms_norm, (x64, w64, 1e-5))
+    xb = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    ours(xb).sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
 
 
 def test_rope_real_form_equals_meta_complex_form():
@@ -128,6 +153,16 @@ def test_count_params_equals_built_model(name):
     for tied in (False, True):
         cfg = get_config(name, tie_embeddings=tied)
         assert Llama(cfg).num_params() == count_params(cfg)
+
+
+def test_init_std_sets_the_initial_weights():
+    torch.manual_seed(0)
+    m = Llama(get_config("tiny", init_std=0.1))
+    assert abs(m.layers[0].attention.wq.weight.std().item() - 0.1) < 0.005
+    assert abs(m.tok_embeddings.weight.std().item() - 0.1) < 0.005
+    assert abs(m.layers[0].attention.wo.weight.std().item() - 0.1 / math.sqrt(8)) < 0.002  # scaled by 1/sqrt(2L)
+    assert torch.equal(m.norm.weight, torch.ones(128))
+    assert get_config("tiny").init_std == 0.04 and get_config("small").init_std == 0.02
 
 
 def test_flops_per_token_is_six_n_plus_attention():

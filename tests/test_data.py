@@ -18,10 +18,13 @@ import torch
 from utils.data import (
     TINYSHAKESPEARE_SHA256,
     check_enough_tokens,
+    epoch_batch,
+    epoch_starts,
     get_batch,
     load_text,
     prepare_data,
     split_train_val,
+    windows_per_epoch,
 )
 from utils.tokenizer import CharTokenizer
 
@@ -232,6 +235,37 @@ def test_restoring_the_generator_state_repeats_the_batches():
     generator.set_state(state)
     second = get_batch(ids, 4, 8, generator=generator)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_epoch_batches_show_every_window_once_per_epoch():
+    ids, B, T = np.arange(1000, dtype=np.uint16), 4, 8
+    n = windows_per_epoch(len(ids), T)  # 124 windows: 1000 // 8 - 1, so any offset 0..7 fits
+    firsts = np.concatenate([epoch_batch(ids, B, T, i, seed=3)[0][:, 0].numpy() for i in range(2 * n // B)])
+    epoch0, epoch1 = firsts[:n], firsts[n:]
+    assert len(set(epoch0)) == n and len(set(epoch1)) == n, "no window repeats within an epoch"
+    assert len(set(np.diff(np.sort(epoch0)))) == 1, "an epoch's windows tile the text (stride block_size)"
+    assert not np.array_equal(epoch0, epoch1), "each epoch has its own order"
+    x, y = epoch_batch(ids, B, T, 7, seed=3)
+    assert torch.equal(y, x + 1) and x.max() + 1 < len(ids)
+    assert torch.equal(x, epoch_batch(ids, B, T, 7, seed=3)[0]), "a batch depends on its index alone (resume)"
+    assert not torch.equal(x, epoch_batch(ids, B, T, 7, seed=4)[0])
+
+
+def test_epoch_batches_of_two_ranks_are_disjoint():
+    # the trainer asks rank r of w for batch (step * grad_accum + micro) * w + r
+    ids, B, T = np.arange(1000, dtype=np.uint16), 4, 8
+    rank0 = {int(v) for i in range(0, 30, 2) for v in epoch_batch(ids, B, T, i)[0][:, 0]}
+    rank1 = {int(v) for i in range(1, 30, 2) for v in epoch_batch(ids, B, T, i)[0][:, 0]}
+    assert len(rank0) == len(rank1) == 60 and not rank0 & rank1
+
+
+def test_epoch_batches_from_a_text_of_one_window():
+    ids = np.arange(9, dtype=np.uint16)
+    assert windows_per_epoch(9, 8) == 1 and epoch_starts(9, 8, epoch=5).tolist() == [0]
+    x, _ = epoch_batch(ids, 3, 8, 0)
+    assert torch.equal(x, torch.arange(8).expand(3, 8))
+    with pytest.raises(ValueError, match="train split has 8 tokens"):
+        epoch_batch(ids[:8], 3, 8, 0, split="train")
 
 
 def test_exactly_one_window_of_tokens_is_enough():

@@ -13,6 +13,7 @@ from utils.model import Llama, LlamaConfig, get_config
     (dict(dim=36, n_heads=4), "must be even"),
     (dict(dim=64, n_heads=4, dropout=1.5), "dropout"),
     (dict(dim=64, n_heads=4, n_layers=0), "n_layers must be a positive"),
+    (dict(dim=64, n_heads=4, init_std=0.0), "init_std must be > 0"),
 ])
 def test_invalid_config_is_rejected(kwargs, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):

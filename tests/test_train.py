@@ -155,4 +155,4 @@ def test_torchrun_with_two_processes_trains_data_parallel(tmp_path, corpus):
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["tokens_seen"] == 6 * 4 * 32 * 2
     assert r.stdout.count("saved ") == 1, "only rank 0 reports"
-    assert len(load_checkpoint(out)["rng"]["batches"]) == 2, "every rank's batch sampler is saved for resume"
+    assert len(load_checkpoint(out)["rng"]["torch"]) == 2, "every rank's RNG state is saved for resume"

@@ -20,6 +20,7 @@ TRAIN_HELP = {
     "n_layers": "number of transformer blocks (overrides the preset)",
     "n_heads": "number of query heads (overrides the preset)",
     "n_kv_heads": "number of key/value heads; must divide n_heads (overrides the preset)",
+    "init_std": "std of the normal initial weights (overrides the preset; tiny uses 0.04, the others 0.02)",
     "dropout": "dropout probability on attention and residual branches",
     "tie_embeddings": "share one matrix between the token embedding and the output layer",
     "block_size": "training context length in tokens (also the model's max_seq_len)",

@@ -65,6 +65,7 @@ def config_from_hf(hf_config) -> LlamaConfig:
         rope_theta=_hf_rope_theta(hf_config),
         max_seq_len=hf_config.max_position_embeddings,
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        init_std=getattr(hf_config, "initializer_range", 0.02),
     )
 
 

@@ -33,6 +33,7 @@ class LlamaConfig:
     max_seq_len: int = 2048                 # longest context, in tokens
     dropout: float = 0.0                    # dropout on attention and residual branches
     tie_embeddings: bool = False            # share tok_embeddings and output weights
+    init_std: float = 0.02                  # std of the normal initial weights (HF: initializer_range)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -57,6 +58,8 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE: "
                              "change dim or n_heads")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -78,8 +81,9 @@ PRESETS: dict[str, LlamaConfig] = {
                                   hidden_dim=5632, max_seq_len=2048),
     "smoke": LlamaConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          hidden_dim=64, max_seq_len=64),
+    # init_std 0.04: better than GPT-2's 0.02 at this width (benchmarks/train_shakespeare.md, round 5)
     "tiny": LlamaConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                        hidden_dim=384, max_seq_len=256),
+                        hidden_dim=384, max_seq_len=256, init_std=0.04),
     "small": LlamaConfig(vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4,
                          hidden_dim=768, max_seq_len=256),
     # about 10M parameters (bpe:1024), for a GPU such as Colab's T4: 1000 steps on Tiny Shakespeare reach
@@ -130,12 +134,7 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._init_rope()
-        self.apply(self._init_weights)
-        # GPT-2 / llama2.c: shrink the projections that write into the residual stream, so the
-        # variance of the stream does not grow with depth (2 writes per layer).
-        for name, p in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+        self._init_weights()
 
     def _init_rope(self, device=None):
         cos, sin = rope_cos_sin(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
@@ -150,10 +149,17 @@ class Llama(nn.Module):
         self._init_rope(self.rope_cos.device)
         return self
 
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def _init_weights(self) -> None:
+        """Every matrix from N(0, init_std); norms start at 1. GPT-2 / llama2.c: the projections that
+        write into the residual stream get std / sqrt(2 * n_layers), so the variance of the stream does
+        not grow with depth (2 writes per layer)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         self._check_tokens(tokens, start_pos)

@@ -4,8 +4,52 @@ import torch
 from torch import nn
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """The forward of `RMSNorm`, with its gradient written out by hand.
+
+    Autograd would differentiate the forward op by op (pow, mean, rsqrt, two multiplies): about 2.5x
+    the time of this backward on a CPU, where the norms took a fifth of a training step
+    (benchmarks/train_shakespeare.md). With x_hat = x * rstd and rstd = 1 / sqrt(mean(x^2) + eps):
+
+        dL/dw = sum over tokens of g * x_hat
+        dL/dx = rstd * (g*w - x_hat * mean(g*w * x_hat))
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision -> float32
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        x_hat = xf * rstd
+        ctx.save_for_backward(x_hat, rstd, weight)
+        ctx.x_dtype = x.dtype
+        return x_hat.type_as(x) * weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x_hat, rstd, weight = ctx.saved_tensors
+        g = grad.to(x_hat.dtype)
+        gw = g * weight                                              # (..., dim)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dot = torch.linalg.vecdot(gw, x_hat).unsqueeze(-1) / x_hat.shape[-1]  # (..., 1)
+            dx = torch.addcmul(gw, x_hat, dot, value=-1).mul_(rstd).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch.linalg.vecdot(g.flatten(0, -2).t(), x_hat.flatten(0, -2).t()).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in float32; returns x's dtype times weight's."""
+    return _RMSNormFunction.apply(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim; computed in float32 like Meta's."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim; computed in float32 like Meta's.
+
+    Meta's forward is `(x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    * weight`; `rms_norm` computes exactly that and adds a hand-written backward for speed.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -13,6 +57,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)

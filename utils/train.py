@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import atomic_write, load_pretrained
-from .data import TokenData, check_enough_tokens, get_batch, prepare_data
+from .data import TokenData, check_enough_tokens, epoch_batch, prepare_data
 from .model import Llama, LlamaConfig, get_config
 from .tokenizer import load_tokenizer
 
@@ -38,6 +38,7 @@ class TrainConfig:
     n_layers: int | None = None
     n_heads: int | None = None
     n_kv_heads: int | None = None
+    init_std: float | None = None
     dropout: float = 0.0
     tie_embeddings: bool = False            # share the input embedding and the output layer
     block_size: int = 128                   # training context in tokens (the model's max_seq_len)
@@ -77,7 +78,7 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
 
     def model_config(self, vocab_size: int) -> LlamaConfig:
-        overrides = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
+        overrides = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "init_std")
                      if getattr(self, k) is not None}
         return get_config(self.preset, vocab_size=vocab_size, max_seq_len=self.block_size,
                           dropout=self.dropout, tie_embeddings=self.tie_embeddings, **overrides)
@@ -244,7 +245,6 @@ class Trainer:
         self.model = Llama(cfg.model_config(self.data.tokenizer.vocab_size)).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.batches = torch.Generator().manual_seed(cfg.seed + self.rank)
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
         if ckpt is not None:
             self._restore(ckpt)
@@ -271,14 +271,12 @@ class Trainer:
         torch.set_rng_state(mine(ckpt["rng"]["torch"]))
         if self.device.type == "cuda" and ckpt["rng"]["cuda"][0] is not None:
             torch.cuda.set_rng_state(mine(ckpt["rng"]["cuda"]), self.device)
-        self.batches.set_state(mine(ckpt["rng"]["batches"]))
 
     def save(self) -> None:
         """Write ckpt.pt (atomically) and the tokenizer into out_dir; only rank 0 writes."""
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         rng = {"torch": gather_from_ranks(torch.get_rng_state(), self.world),
-               "cuda": gather_from_ranks(cuda_rng, self.world),
-               "batches": gather_from_ranks(self.batches.get_state(), self.world)}
+               "cuda": gather_from_ranks(cuda_rng, self.world)}  # batches depend on the step alone
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -315,8 +313,9 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            x, y = get_batch(self.data.train, cfg.batch_size, cfg.block_size, generator=self.batches,
-                             device=self.device, split="training")
+            index = (self.step * cfg.grad_accum + micro) * self.world + self.rank  # ranks take disjoint windows
+            x, y = epoch_batch(self.data.train, cfg.batch_size, cfg.block_size, index, seed=cfg.seed,
+                               device=self.device, split="training")
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if last or self.world == 1 else self.net.no_sync()
             with sync, self.autocast:
