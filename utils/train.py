@@ -45,9 +45,9 @@ class TrainConfig:
     # optimisation
     batch_size: int = 32                    # sequences per micro-batch
     grad_accum: int = 1                     # micro-batches per optimizer step
-    max_steps: int = 800                    # defaults: ~145 s on a 2-core AMX CPU (benchmarks/train_shakespeare.md)
+    max_steps: int = 750                    # defaults: ~145 s on a 2-core AMX CPU (benchmarks/train_shakespeare.md)
     max_seconds: float | None = None        # wall-clock budget; the schedule then follows time
-    lr: float = 3e-3
+    lr: float = 4e-3
     min_lr_ratio: float = 0.0               # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 1.0               # strong: 1M params memorise 1 MB of text (benchmarks/train_shakespeare.md)
