@@ -1,7 +1,8 @@
-"""Text sources, train/val split, cached token ids and random batches: swap the dataset in one cell.
+"""Text sources, train/val split, cached token ids and batches: swap the dataset in one cell.
 
     data = prepare_data("tinyshakespeare", "char")       # or "tinystories", "hf:owner/name",
     x, y = get_batch(data.train, batch_size=32, block_size=256)   # a path, an http(s) URL
+    x, y = epoch_batch(data.train, 32, 256, index=0)     # the trainer's: each window once per epoch
 
 Sources (one string): "tinyshakespeare" (downloaded into data/ and checked against its sha256),
 "tinystories" (the first `n_stories` stories of roneneldan/TinyStories, streamed),
