@@ -23,23 +23,25 @@ from utils.rope import (
 )
 
 
-def test_rmsnorm_matches_torch_rmsnorm():
+def rmsnorm_pair(dim: int = 64) -> tuple[RMSNorm, nn.RMSNorm]:
+    """Ours and torch's RMSNorm with the same random gains."""
     torch.manual_seed(0)
-    ours, ref = RMSNorm(64, eps=1e-6), nn.RMSNorm(64, eps=1e-6)
+    ours, ref = RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
     with torch.no_grad():
-        ours.weight.copy_(torch.randn(64))
+        ours.weight.copy_(torch.randn(dim))
         ref.weight.copy_(ours.weight)
+    return ours, ref
+
+
+def test_rmsnorm_matches_torch_rmsnorm():
+    ours, ref = rmsnorm_pair()
     x = torch.randn(3, 5, 64) * 4
     torch.testing.assert_close(ours(x), ref(x))
 
 
 def test_rmsnorm_hand_written_backward_matches_autograd():
     # utils' RMSNorm has its own backward: its gradients must equal autograd's through torch.nn.RMSNorm
-    torch.manual_seed(0)
-    ours, ref = RMSNorm(64, eps=1e-6), nn.RMSNorm(64, eps=1e-6)
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(64))
-        ref.weight.copy_(ours.weight)
+    ours, ref = rmsnorm_pair()
     x = (torch.randn(3, 5, 64) * 4).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     g = torch.randn(3, 5, 64)

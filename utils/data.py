@@ -279,10 +279,11 @@ def epoch_batch(ids: np.ndarray, batch_size: int, block_size: int, index: int, *
     k = np.arange(index * batch_size, (index + 1) * batch_size)  # global window numbers
     epochs = {e: epoch_starts(len(ids), block_size, int(e), seed) for e in np.unique(k // n)}
     starts = np.array([epochs[e][i] for e, i in zip(k // n, k % n)])
-    return _windows(ids, starts, block_size, device)
+    return windows_at(ids, starts, block_size, device)
 
 
-def _windows(ids: np.ndarray, starts: np.ndarray, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def windows_at(ids: np.ndarray, starts: np.ndarray, block_size: int,
+               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """x, y (B, T) int64 on `device` from windows of block_size + 1 ids at `starts`."""
     windows = ids[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
@@ -298,4 +299,4 @@ def get_batch(ids: np.ndarray, batch_size: int, block_size: int, *, generator: t
     """Random windows: x (B, T) int64 ids and y (B, T) the same windows shifted left by one."""
     check_enough_tokens(len(ids), block_size, split)
     starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()
-    return _windows(ids, starts, block_size, device)
+    return windows_at(ids, starts, block_size, device)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import atomic_write, load_pretrained
-from .data import TokenData, check_enough_tokens, epoch_batch, prepare_data
+from .data import TokenData, check_enough_tokens, epoch_batch, prepare_data, windows_at
 from .model import Llama, LlamaConfig, get_config
 from .tokenizer import load_tokenizer
 
@@ -162,11 +162,11 @@ def evaluate(model: Llama, ids: np.ndarray, starts: np.ndarray, block_size: int,
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
-        w = torch.from_numpy(ids[s[:, None] + np.arange(block_size + 1)].astype(np.int64)).to(device)
+        x, y = windows_at(ids, s, block_size, device)
         with autocast:
-            logits = model(w[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()  # fp32 logits
-        count += w[:, 1:].numel()
+            logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()  # fp32 logits
+        count += y.numel()
     model.train()
     return total, count
 
