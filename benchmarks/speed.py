@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoints import from_hf  # noqa: E402
 from utils.generate import generate  # noqa: E402
+from utils.hf import from_hf  # noqa: E402
 from utils.model import Llama, LlamaConfig  # noqa: E402
 
 

@@ -60,7 +60,7 @@ GRID = [
     ("bpe:1024", "tiny", 4e-3, 32, "--min-lr-ratio 0 --weight-decay 1.0 --dtype auto"),
     ("bpe:1024", "tiny", 4e-3, 32, "--min-lr-ratio 0 --weight-decay 1.0 --dtype auto --init-std 0.02"),
 ]
-COMMON = ["--block-size", "128", "--min-lr-ratio", "0.1", "--weight-decay", "0.1", "--dtype", "fp32",
+COMMON = ["--max-seq-len", "128", "--min-lr-ratio", "0.1", "--weight-decay", "0.1", "--dtype", "fp32",
           "--eval-interval", "100000", "--warmup-steps", "50",
           "--no-progress", "--sample-tokens", "0"]
 

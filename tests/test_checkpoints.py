@@ -13,12 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.checkpoints import (
-    detect_format,
-    load_pretrained,
-    load_pretrained_tokenizer,
-    save_hf,
-)
+from utils.checkpoints import detect_format, load_pretrained, load_pretrained_tokenizer
+from utils.hf import save_hf
 from utils.model import Llama, LlamaConfig
 from utils.rope import rope_cos_sin
 

@@ -10,12 +10,12 @@ from torch import nn
 from utils.attention import Attention, causal_mask, repeat_kv
 from utils.feedforward import FeedForward, swiglu_hidden_dim
 from utils.model import PRESETS, Llama, LlamaConfig, count_params, flops_per_token, get_config
-from utils.norm import RMSNorm, rms_norm
+from utils.norm import RMSNorm, fast_rms_norm, rms_norm
 from utils.rope import (
     apply_rotary_emb,
     apply_rotary_emb_complex,
     apply_rotary_emb_hf,
-    apply_rotary_emb_real,
+    fast_apply_rotary_emb,
     permute_hf_to_meta,
     permute_meta_to_hf,
     precompute_freqs_cis,
@@ -52,19 +52,21 @@ def test_rmsnorm_hand_written_backward_matches_autograd():
     # float64 finite differences, and a bf16 input: the gradient comes back in the input's dtype
     x64 = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(rms_norm, (x64, w64, 1e-5))
+    assert torch.autograd.gradcheck(fast_rms_norm, (x64, w64, 1e-5))
     xb = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
     ours(xb).sum().backward()
+    for x_ in (x.detach(), xb.detach()):  # the fast path's forward is the plain one, bit for bit
+        torch.testing.assert_close(fast_rms_norm(x_, ours.weight), rms_norm(x_, ours.weight), rtol=0, atol=0)
     assert xb.grad.dtype == torch.bfloat16
 
 
-def test_rope_real_form_equals_meta_complex_form():
+def test_rope_plain_form_equals_meta_complex_form_and_the_fast_path():
     x = torch.randn(2, 9, 4, 16)
     cos, sin = rope_cos_sin(16, 9, theta=10000.0)
     complex_form = apply_rotary_emb_complex(x, precompute_freqs_cis(16, 9))
-    torch.testing.assert_close(apply_rotary_emb_real(x, cos, sin), complex_form)
     torch.testing.assert_close(apply_rotary_emb(x, cos, sin), complex_form)
-    compiled = torch.compile(apply_rotary_emb, backend="aot_eager")  # takes the real branch
+    torch.testing.assert_close(fast_apply_rotary_emb(x, cos, sin), complex_form)
+    compiled = torch.compile(fast_apply_rotary_emb, backend="aot_eager")  # takes the plain branch
     torch.testing.assert_close(compiled(x, cos, sin), complex_form)
 
 
@@ -219,7 +221,18 @@ def test_cpu_bf16_autocast_attends_in_fp32_and_stays_close_to_fp32(monkeypatch):
 
 
 def test_auto_dtype_uses_bf16_on_cpus_with_amx_only():
-    from utils.train import cpu_has_bf16_matmul, pick_dtype
+    from utils.device import cpu_has_bf16_matmul, pick_dtype
     expected = torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
     assert pick_dtype("auto", torch.device("cpu")) == expected
     assert pick_dtype("fp32", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("T, S", [(1, 9), (6, 6), (4, 9)])
+def test_fused_attention_equals_the_textbook_formula(T, S):
+    # decode (one query, every key), plain causal, and a chunk after cached keys (bottom-right mask)
+    from utils.attention import fused_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, T, 8), torch.randn(2, 3, S, 8), torch.randn(2, 3, S, 8)
+    scores = q @ repeat_kv(k, 2).transpose(-2, -1) / math.sqrt(8)  # (B, H, T, S)
+    scores = scores.masked_fill(~causal_mask(T, S), float("-inf"))
+    torch.testing.assert_close(fused_attention(q, k, v), torch.softmax(scores, -1) @ repeat_kv(v, 2))

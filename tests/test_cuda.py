@@ -7,9 +7,10 @@ Skipped where there is no CUDA device (CI has none); run them on a GPU machine w
 import pytest
 import torch
 
+from utils.checkpoints import load_checkpoint, load_model
 from utils.generate import generate
 from utils.model import Llama, get_config
-from utils.train import TrainConfig, load_checkpoint, load_model, train
+from utils.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,7 +37,7 @@ def test_seeded_sampling_on_cuda_is_reproducible_and_cache_independent():
 
 def test_logits_match_hf_on_cuda():
     transformers = pytest.importorskip("transformers")
-    from utils.checkpoints import from_hf
+    from utils.hf import from_hf
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -53,7 +54,7 @@ def test_logits_match_hf_on_cuda():
 
 
 def gpu_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(preset="smoke", tokenizer="char", block_size=32, batch_size=16, max_steps=60, eval_interval=30,
+    base = dict(preset="smoke", tokenizer="char", max_seq_len=32, batch_size=16, max_steps=60, eval_interval=30,
                 eval_windows=8, lr=3e-3, warmup_steps=5, out_dir=str(tmp_path / "run"), progress=False,
                 device="cuda", seed=7)
     return TrainConfig(**{**base, **kw})

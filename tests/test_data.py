@@ -223,7 +223,7 @@ def test_tokenizer_is_trained_on_the_train_split_only(tmp_path, data_dir):
 
 def test_batches_are_windows_with_targets_shifted_by_one():
     ids = np.arange(1000, dtype=np.uint16)
-    x, y = get_batch(ids, batch_size=4, block_size=8)
+    x, y = get_batch(ids, batch_size=4, max_seq_len=8)
     assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
     assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)
 
@@ -243,7 +243,7 @@ def test_epoch_batches_show_every_window_once_per_epoch():
     firsts = np.concatenate([epoch_batch(ids, B, T, i, seed=3)[0][:, 0].numpy() for i in range(2 * n // B)])
     epoch0, epoch1 = firsts[:n], firsts[n:]
     assert len(set(epoch0)) == n and len(set(epoch1)) == n, "no window repeats within an epoch"
-    assert len(set(np.diff(np.sort(epoch0)))) == 1, "an epoch's windows tile the text (stride block_size)"
+    assert len(set(np.diff(np.sort(epoch0)))) == 1, "an epoch's windows tile the text (stride max_seq_len)"
     assert not np.array_equal(epoch0, epoch1), "each epoch has its own order"
     x, y = epoch_batch(ids, B, T, 7, seed=3)
     assert torch.equal(y, x + 1) and x.max() + 1 < len(ids)
@@ -269,12 +269,12 @@ def test_epoch_batches_from_a_text_of_one_window():
 
 
 def test_exactly_one_window_of_tokens_is_enough():
-    x, y = get_batch(np.arange(9, dtype=np.uint16), batch_size=2, block_size=8)
+    x, y = get_batch(np.arange(9, dtype=np.uint16), batch_size=2, max_seq_len=8)
     assert torch.equal(x[0], torch.arange(8)) and torch.equal(y[1], torch.arange(1, 9))
 
 
 def test_too_few_tokens_names_both_numbers():
-    with pytest.raises(ValueError, match=r"val split has 50 tokens .* block_size \+ 1 = 257: use a smaller"):
+    with pytest.raises(ValueError, match=r"val split has 50 tokens .* max_seq_len \+ 1 = 257: use a smaller"):
         get_batch(np.zeros(50, dtype=np.uint16), 4, 256, split="val")
     with pytest.raises(ValueError, match="train split has 8 tokens"):
         check_enough_tokens(8, 8, "train")

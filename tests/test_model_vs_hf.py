@@ -5,8 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from utils.checkpoints import from_hf  # noqa: E402
 from utils.generate import generate  # noqa: E402
+from utils.hf import from_hf  # noqa: E402
 
 CASES = {  # name: (n_heads, n_kv_heads, tied, rope_theta, eps)
     "gqa-untied": (8, 2, False, 10000.0, 1e-5),

@@ -183,3 +183,16 @@ def test_trained_tokenizers_need_train_text(name):
 def test_load_tokenizer_from_empty_directory_says_how_to_save(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.save"):
         load_tokenizer(tmp_path)
+
+
+def test_run_folders_written_before_the_rename_still_load(sample, tmp_path):
+    # our tokenizer file is course_tokenizer.json; older run folders named it tokenizer.json, which is
+    # also Hugging Face's name: a folder holding HF's tokenizer.json is not mistaken for ours
+    tok = get_tokenizer("char", train_text=sample)
+    tok.save(tmp_path)
+    assert (tmp_path / "course_tokenizer.json").exists() and not (tmp_path / "tokenizer.json").exists()
+    (tmp_path / "course_tokenizer.json").rename(tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path).encode(sample[:50]) == tok.encode(sample[:50])
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    with pytest.raises(FileNotFoundError, match="no course_tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -4,18 +4,20 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from utils import train as train_mod
-from utils.train import CKPT_FILE, TrainConfig, load_checkpoint, lr_at, train
+from utils.checkpoints import CKPT_FILE, load_checkpoint
+from utils.train import TrainConfig, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(preset="smoke", tokenizer="char", block_size=32, batch_size=8, max_steps=12, eval_interval=4,
+    base = dict(preset="smoke", tokenizer="char", max_seq_len=32, batch_size=8, max_steps=12, eval_interval=4,
                 eval_windows=8, lr=3e-3, warmup_steps=3, out_dir=str(tmp_path / "run"), progress=False, seed=7)
     return TrainConfig(**{**base, **kw})
 
@@ -93,8 +95,8 @@ def test_max_seconds_stops_the_run_and_drives_the_schedule(tmp_path, corpus):
 
 
 def test_too_little_data_names_both_numbers(tmp_path, corpus):
-    with pytest.raises(ValueError, match=r"has \d+ tokens but one batch window needs block_size \+ 1 = 100001"):
-        train(smoke_cfg(tmp_path, block_size=100_000), data=corpus[1])
+    with pytest.raises(ValueError, match=r"has \d+ tokens but one batch window needs max_seq_len \+ 1 = 100001"):
+        train(smoke_cfg(tmp_path, max_seq_len=100_000), data=corpus[1])
 
 
 @pytest.mark.parametrize("kw, words", [(dict(batch_size=0), "batch_size must be >= 1"),
@@ -127,6 +129,18 @@ def test_cli_trains_end_to_end_then_generates_with_a_seed(tmp_path, corpus):
     c = cli(*args[:-1], "4")
     assert a.stdout.startswith("ROMEO:") and len(a.stdout) > len("ROMEO:")
     assert a.stdout == b.stdout and a.stdout != c.stdout
+    # generating text never imports the trainer (nor its DDP and optimizer machinery)
+    probe = ("import runpy, sys; sys.argv = ['utils', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('utils', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "assert 'utils.train' not in sys.modules, 'generate imported utils.train'\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stderr[-2000:]
+
+
+def test_old_checkpoints_name_max_seq_len_block_size():
+    cfg = TrainConfig.from_dict({**asdict(TrainConfig()), "block_size": 64})
+    assert cfg.max_seq_len == 64 and "block_size" not in asdict(cfg)
 
 
 def test_cli_rejects_bad_flags_and_values(tmp_path):

@@ -1,5 +1,26 @@
 """LLaMA-2 from scratch: the finished, tested version of every component the lessons build.
 
-One module per concept, in lesson order: rope, norm, attention (GQA + KV cache), feedforward
-(SwiGLU), model, generate, then tokenizer, data, train, checkpoints, plotting.
+The model, in lesson order:
+    rope         rotary position embeddings: Meta's adjacent pairs, HF's rotate-half, the permutation between (01)
+    attention    grouped-query attention (MHA, GQA, MQA) and the preallocated KV cache (02, 03)
+    feedforward  SwiGLU and Meta's hidden-size rule (04)
+    norm         RMSNorm (04)
+    model        LlamaConfig, TransformerBlock, Llama; presets and parameter counts (05)
+    generate     greedy, temperature, top-k, top-p sampling, with or without the cache (03, 06)
+
+Training your own (06):
+    tokenizer    char, a byte-level BPE trained on your text, tiktoken's encodings; tokenizers of other checkpoints
+    data         one string picks the text (tinyshakespeare, tinystories, hf:..., a URL, a file or folder)
+    device       cuda, then mps, then cpu; the precision the hardware runs fastest
+    train        the trainer: AdamW, warmup + cosine, mixed precision, exact resume, DDP
+
+Weights in and out (05, 06):
+    checkpoints  our run folder (ckpt.pt), and `load_pretrained` for every format below
+    weights      a state dict in Meta's names -> a checked `Llama`
+    hf           Hugging Face transformers checkpoints, `from_hf`, `save_hf`
+    meta         Meta's consolidated.NN.pth shards
+    llama2c      karpathy/llama2.c .pt and .bin files
+    files        atomic writes: a crash never leaves half a file
+
+And: course (the GitHub address the notebooks' badges point to); `python -m utils` is the command line.
 """

@@ -1,4 +1,7 @@
-"""Command line: `python -m utils train ...` and `python -m utils generate ...` (`--help` on each)."""
+"""Command line: `python -m utils train ...` and `python -m utils generate ...` (`--help` on each).
+
+Only `train` imports the trainer: generating text needs the model, the checkpoints and the sampler.
+"""
 
 import argparse
 import os
@@ -8,57 +11,21 @@ from typing import get_args
 
 import torch
 
-from .train import TrainConfig
-
-TRAIN_HELP = {
-    "dataset": "text source: tinyshakespeare, tinystories, hf:<owner>/<name>[:column[:split]], an http(s) URL, "
-               "or a local .txt/.md/.jsonl/.json/.csv/.parquet file or folder of .txt files",
-    "tokenizer": "char, bpe:<vocab_size> (trained on the training split), or a tiktoken encoding (gpt2, "
-                 "cl100k_base, o200k_base)",
-    "preset": "model shape to start from (see utils.model.PRESETS): smoke, tiny, small, ...",
-    "dim": "width of the residual stream (overrides the preset)",
-    "n_layers": "number of transformer blocks (overrides the preset)",
-    "n_heads": "number of query heads (overrides the preset)",
-    "n_kv_heads": "number of key/value heads; must divide n_heads (overrides the preset)",
-    "init_std": "std of the normal initial weights (overrides the preset; tiny uses 0.04, the others 0.02)",
-    "dropout": "dropout probability on attention and residual branches",
-    "tie_embeddings": "share one matrix between the token embedding and the output layer",
-    "block_size": "training context length in tokens (also the model's max_seq_len)",
-    "batch_size": "sequences per micro-batch",
-    "grad_accum": "micro-batches accumulated per optimizer step",
-    "max_steps": "stop after this many optimizer steps (and the cosine schedule ends here)",
-    "max_seconds": "stop after this many seconds of training, whichever comes first; the schedule then "
-                   "follows the clock",
-    "lr": "peak learning rate",
-    "min_lr_ratio": "the cosine schedule decays to lr * min_lr_ratio",
-    "warmup_steps": "steps of linear warmup",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "clip the gradient norm to this value",
-    "eval_interval": "validate and write a checkpoint every this many steps",
-    "eval_windows": "validation windows used during training (the final evaluation uses the whole split)",
-    "device": "auto (cuda, then mps, then cpu), or a device such as cpu, cuda, cuda:1, mps",
-    "dtype": "auto (bf16 where the hardware has it: GPUs since Ampere, CPUs with AMX; fp16 + loss scaling on "
-             "older GPUs; else fp32), fp32, bf16, fp16",
-    "compile": "compile the model with torch.compile (faster on recent GPUs, slow to start)",
-    "seed": "random seed for initialisation, batches and dropout",
-    "out_dir": "folder for ckpt.pt, the tokenizer and metrics.json",
-    "progress": "show a progress bar",
-}
-
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field (dashes for underscores; --out for out_dir)."""
+    """One --flag per TrainConfig field (dashes for underscores; --out for out_dir), its help from the field."""
+    from .train import TrainConfig
+
+    aliases = {"out_dir": ["--out"], "max_seq_len": ["--max-seq-len", "--block-size"]}  # nanoGPT's name works too
     for f in fields(TrainConfig):
-        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        flags = aliases.get(f.name, ["--" + f.name.replace("_", "-")])
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=TRAIN_HELP[f.name])
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
             continue
         kind = f.type if f.type in (int, float, str) else next(a for a in get_args(f.type) if a is not type(None))
-        p.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
-                       help=TRAIN_HELP[f.name])
+        p.add_argument(*flags, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
+                       help=f.metadata["help"])
 
 
 def positive_int(text: str) -> int:
@@ -68,12 +35,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
+    """The parser; the train command's flags only when `command` is train (they import the trainer)."""
     parser = argparse.ArgumentParser(prog="python -m utils", description="Train a LLaMA-2 model and sample from it.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model; writes ckpt.pt and metrics.json into --out",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_flags(t)
+    if command == "train":
+        add_train_flags(t)
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     t.add_argument("--sample-tokens", type=int, default=200, help="tokens of sample text printed at the end")
     g = sub.add_parser("generate", help="stream text from a checkpoint")
@@ -90,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         if args.command == "train":
             return run_train(args)
@@ -101,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_train(args) -> int:
+    from .checkpoints import load_model
     from .generate import generate
-    from .train import load_model, train
+    from .train import TrainConfig, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     metrics = train(cfg, resume=args.resume)
@@ -123,8 +94,7 @@ def run_train(args) -> int:
 
 def load_for_generation(path: str, device: torch.device):
     """(model, tokenizer) from our training folder or any format `load_pretrained` reads."""
-    from .checkpoints import detect_format, load_pretrained, load_pretrained_tokenizer
-    from .train import load_model
+    from .checkpoints import detect_format, load_model, load_pretrained, load_pretrained_tokenizer
 
     if detect_format(path) == "ours":
         return load_model(path, device=device)
@@ -137,20 +107,16 @@ def load_for_generation(path: str, device: torch.device):
 
 
 def run_generate(args) -> int:
-    from .generate import stream
-    from .train import pick_device
+    from .device import pick_device
+    from .generate import check_sampling, stream
 
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     device = pick_device(args.device)
     model, tok = load_for_generation(args.checkpoint, device)
     start = getattr(tok, "bos_id", None)  # Meta's tokenizers start from BOS, ours from end-of-text
     start = start if start is not None and start >= 0 else (tok.eot_id if tok.eot_id is not None else 0)
     ids = tok.encode(args.prompt) if args.prompt else [start]
-    if len(ids) >= model.config.max_seq_len:
-        raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {model.config.max_seq_len}: "
-                         "shorten the prompt")
-    n = min(args.max_new_tokens, model.config.max_seq_len - len(ids))
+    n = max(min(args.max_new_tokens, model.config.max_seq_len - len(ids)), 1)  # stream() says if even 1 won't fit
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
     print(args.prompt, end="", flush=True)

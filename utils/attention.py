@@ -5,13 +5,11 @@ multi-head attention (MHA), n_kv_heads == 1 is multi-query attention (MQA), anyt
 GQA (Ainslie et al., 2023). Fewer K/V heads mean fewer parameters and, above all, a smaller cache.
 """
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rotary_emb
+from .rope import fast_apply_rotary_emb
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -93,26 +91,33 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        # CPU bf16 autocast: rotate and attend in fp32, since PyTorch's CPU attention backward is ~7x
-        # slower in bf16 than in fp32; the projections around it still run in bf16 (AMX)
-        cpu_amp = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        if cpu_amp:
-            q, k, v = q.float(), k.float(), v.float()
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = fast_apply_rotary_emb(q, cos, sin), fast_apply_rotary_emb(k, cos, sin)  # = apply_rotary_emb
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, hd)
-        S = k.shape[2]
-        mask, is_causal = None, False
-        if T > 1 and S == T:
-            is_causal = True  # plain causal: top-left and bottom-right alignment coincide
-        elif T > 1:
-            mask = causal_mask(T, S, device=x.device)  # a chunk after cached tokens
-        with torch.autocast("cpu", enabled=False) if cpu_amp else nullcontext():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )  # (B, n_heads, T, hd)
+        # softmax(q k^T / sqrt(hd) + causal mask) v, query head h reading K/V head h // (n_heads / n_kv_heads)
+        y = fused_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, n_heads, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
+
+
+# ---- speed ------------------------------------------------------------------------------------------
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal GQA attention in one fused kernel: q (B, H, T, hd), k/v (B, H_kv, S, hd) -> (B, H, T, hd).
+
+    The same numbers as softmax((q @ repeat_kv(k).T) / sqrt(hd) + log(causal_mask(T, S))) @ repeat_kv(v)
+    (tests/test_components.py), without building the (T, S) scores or repeating K/V in memory.
+    """
+    T, S = q.shape[2], k.shape[2]
+    mask = None
+    if T > 1 and S > T:
+        mask = causal_mask(T, S, device=q.device)  # a chunk after cached tokens: bottom-right aligned
+    # One new token sees every key (no mask); T == S is plain causal, where SDPA's top-left is_causal is right.
+    kwargs = dict(attn_mask=mask, is_causal=T > 1 and S == T, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU bf16 autocast: attend in fp32, since PyTorch's CPU attention backward is ~7x slower in
+        # bf16; the projections around it still run in bf16 (AMX)
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -1,7 +1,7 @@
 """Text sources, train/val split, cached token ids and batches: swap the dataset in one cell.
 
     data = prepare_data("tinyshakespeare", "char")       # or "tinystories", "hf:owner/name",
-    x, y = get_batch(data.train, batch_size=32, block_size=256)   # a path, an http(s) URL
+    x, y = get_batch(data.train, batch_size=32, max_seq_len=256)   # a path, an http(s) URL
     x, y = epoch_batch(data.train, 32, 256, index=0)     # the trainer's: each window once per epoch
 
 Sources (one string): "tinyshakespeare" (downloaded into data/ and checked against its sha256),
@@ -241,51 +241,51 @@ def _save_arrays(arrays: dict[str, np.ndarray], cache: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_enough_tokens(n_tokens: int, block_size: int, split: str) -> None:
-    """Raise if `n_tokens` cannot fill one window of block_size + 1 tokens (inputs and targets)."""
-    if n_tokens < block_size + 1:
-        raise ValueError(f"{split} split has {n_tokens} tokens but one batch window needs block_size + 1 = "
-                         f"{block_size + 1}: use a smaller block_size or more data")
+def check_enough_tokens(n_tokens: int, max_seq_len: int, split: str) -> None:
+    """Raise if `n_tokens` cannot fill one window of max_seq_len + 1 tokens (inputs and targets)."""
+    if n_tokens < max_seq_len + 1:
+        raise ValueError(f"{split} split has {n_tokens} tokens but one batch window needs max_seq_len + 1 = "
+                         f"{max_seq_len + 1}: use a smaller max_seq_len or more data")
 
 
-def windows_per_epoch(n_tokens: int, block_size: int) -> int:
-    """How many non-overlapping windows of block_size + 1 tokens one epoch holds, whatever its offset."""
-    check_enough_tokens(n_tokens, block_size, "this")
-    return max(n_tokens // block_size - 1, 1)
+def windows_per_epoch(n_tokens: int, max_seq_len: int) -> int:
+    """How many non-overlapping windows of max_seq_len + 1 tokens one epoch holds, whatever its offset."""
+    check_enough_tokens(n_tokens, max_seq_len, "this")
+    return max(n_tokens // max_seq_len - 1, 1)
 
 
 @functools.lru_cache(maxsize=4)  # a shuffle of 4M windows (1B tokens) takes ~75 ms: do it once per epoch
-def epoch_starts(n_tokens: int, block_size: int, epoch: int, seed: int = 0) -> np.ndarray:
-    """Start offsets of one epoch's windows, in random order: a grid of stride block_size, shifted by a
+def epoch_starts(n_tokens: int, max_seq_len: int, epoch: int, seed: int = 0) -> np.ndarray:
+    """Start offsets of one epoch's windows, in random order: a grid of stride max_seq_len, shifted by a
     random offset (so window edges move from epoch to epoch), then shuffled. The same (epoch, seed)
     always gives the same order. Read-only (cached)."""
-    n = windows_per_epoch(n_tokens, block_size)
+    n = windows_per_epoch(n_tokens, max_seq_len)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    offset = int(torch.randint(min(block_size, n_tokens - n * block_size), (1,), generator=g))
-    starts = offset + block_size * torch.randperm(n, generator=g).numpy()
+    offset = int(torch.randint(min(max_seq_len, n_tokens - n * max_seq_len), (1,), generator=g))
+    starts = offset + max_seq_len * torch.randperm(n, generator=g).numpy()
     starts.flags.writeable = False
     return starts
 
 
-def epoch_batch(ids: np.ndarray, batch_size: int, block_size: int, index: int, *, seed: int = 0,
+def epoch_batch(ids: np.ndarray, batch_size: int, max_seq_len: int, index: int, *, seed: int = 0,
                 device: str | torch.device = "cpu", split: str = "this") -> tuple[torch.Tensor, torch.Tensor]:
     """Batch number `index` of a stream that shows every window once per epoch (sampling without
     replacement), as x, y (B, T) like `get_batch`. It depends on `index` alone, so a resumed run gets
     the batches it would have had, and the processes of a multi-GPU run take disjoint windows by
     asking for different indices. On Tiny Shakespeare it beats `get_batch`'s random windows
     (benchmarks/train_shakespeare.md): over several epochs no part of the text is over- or under-seen."""
-    check_enough_tokens(len(ids), block_size, split)
-    n = windows_per_epoch(len(ids), block_size)
+    check_enough_tokens(len(ids), max_seq_len, split)
+    n = windows_per_epoch(len(ids), max_seq_len)
     k = np.arange(index * batch_size, (index + 1) * batch_size)  # global window numbers
-    epochs = {e: epoch_starts(len(ids), block_size, int(e), seed) for e in np.unique(k // n)}
+    epochs = {e: epoch_starts(len(ids), max_seq_len, int(e), seed) for e in np.unique(k // n)}
     starts = np.array([epochs[e][i] for e, i in zip(k // n, k % n)])
-    return windows_at(ids, starts, block_size, device)
+    return windows_at(ids, starts, max_seq_len, device)
 
 
-def windows_at(ids: np.ndarray, starts: np.ndarray, block_size: int,
+def windows_at(ids: np.ndarray, starts: np.ndarray, max_seq_len: int,
                device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y (B, T) int64 on `device` from windows of block_size + 1 ids at `starts`."""
-    windows = ids[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
+    """x, y (B, T) int64 on `device` from windows of max_seq_len + 1 ids at `starts`."""
+    windows = ids[starts[:, None] + np.arange(max_seq_len + 1)].astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
     device = torch.device(device)
@@ -294,9 +294,9 @@ def windows_at(ids: np.ndarray, starts: np.ndarray, block_size: int,
     return x.to(device), y.to(device)
 
 
-def get_batch(ids: np.ndarray, batch_size: int, block_size: int, *, generator: torch.Generator | None = None,
+def get_batch(ids: np.ndarray, batch_size: int, max_seq_len: int, *, generator: torch.Generator | None = None,
               device: str | torch.device = "cpu", split: str = "this") -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows: x (B, T) int64 ids and y (B, T) the same windows shifted left by one."""
-    check_enough_tokens(len(ids), block_size, split)
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()
-    return windows_at(ids, starts, block_size, device)
+    check_enough_tokens(len(ids), max_seq_len, split)
+    starts = torch.randint(len(ids) - max_seq_len, (batch_size,), generator=generator).numpy()
+    return windows_at(ids, starts, max_seq_len, device)

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .model import Llama
+from .model import Llama, check_tokens
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -26,12 +26,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Raise ValueError for sampling settings that mean nothing (checked before any model work)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}: 0.9 keeps the tokens that make up 90% of the mass")
+
+
 def _check_args(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
                 top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.int64, torch.int32) or prompt.dim() != 2:
-        desc = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-        raise ValueError(f"prompt must be an int64 (or int32) tensor of shape (batch, seq_len), got {desc}: "
-                         "use torch.tensor([ids], dtype=torch.long)")
+    check_tokens(prompt, 0, model.config.max_seq_len)
     if prompt.shape[1] == 0:
         raise ValueError("prompt is empty: give at least one token (e.g. the end-of-text id)")
     if max_new_tokens < 0:
@@ -41,12 +48,7 @@ def _check_args(model: Llama, prompt: torch.Tensor, max_new_tokens: int, tempera
         raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
                          f"exceeds the model's max_seq_len ({model.config.max_seq_len}): shorten the prompt "
                          "or ask for fewer tokens")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}: 0.9 keeps the tokens that make up 90% of the mass")
+    check_sampling(temperature, top_k, top_p)
 
 
 def stream(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

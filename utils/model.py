@@ -44,24 +44,7 @@ class LlamaConfig:
 
     def validate(self) -> None:
         """Raise ValueError, saying what to change, for a shape the model cannot be built with."""
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            ok = [h for h in range(1, self.dim + 1) if self.dim % h == 0 and (self.dim // h) % 2 == 0]
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}): "
-                             f"pick n_heads in {ok[:12]}")
-        if self.n_heads % self.n_kv_heads:
-            ok = [h for h in range(1, self.n_heads + 1) if self.n_heads % h == 0]
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads}): "
-                             f"pick n_kv_heads in {ok}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE: "
-                             "change dim or n_heads")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_config(self)
 
     @property
     def head_dim(self) -> int:
@@ -69,40 +52,6 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# Named shapes. "llama2-7b" is for counting (6.7B parameters); the small ones train on a CPU.
-PRESETS: dict[str, LlamaConfig] = {
-    "llama2-7b": LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
-    "llama2-13b": LlamaConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
-    "llama2-70b": LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                              ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
-    "tinyllama-1.1b": LlamaConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                                  hidden_dim=5632, max_seq_len=2048),
-    "smoke": LlamaConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                         hidden_dim=64, max_seq_len=64),
-    # init_std 0.04: better than GPT-2's 0.02 at this width (benchmarks/train_shakespeare.md, round 5)
-    "tiny": LlamaConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                        hidden_dim=384, max_seq_len=256, init_std=0.04),
-    "small": LlamaConfig(vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4,
-                         hidden_dim=768, max_seq_len=256),
-    # about 10M parameters (bpe:1024), for a GPU such as Colab's T4: 1000 steps on Tiny Shakespeare reach
-    # 1.47 nats/char (31 s on an H100, benchmarks/gpu.md); more steps memorise the 1 MB corpus
-    "colab-t4": LlamaConfig(vocab_size=4096, dim=384, n_layers=6, n_heads=6, n_kv_heads=2,
-                            hidden_dim=1024, max_seq_len=256),
-}
-
-
-def get_config(name: str, **overrides) -> LlamaConfig:
-    """A copy of preset `name` with fields overridden, e.g. get_config("tiny", vocab_size=65)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
-    base = PRESETS[name]
-    if "n_heads" in overrides and base.n_kv_heads == base.n_heads:
-        overrides.setdefault("n_kv_heads", None)  # a multi-head preset stays multi-head
-    if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
-        overrides.setdefault("hidden_dim", None)  # recompute the SwiGLU width for the new shape
-    return replace(base, **overrides)
 
 
 class TransformerBlock(nn.Module):
@@ -133,21 +82,11 @@ class Llama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self._init_rope()
+        # RoPE tables: plain float32 tensors, not buffers, so model.to(bfloat16) cannot round them (bf16
+        # angles at position 4000 would be off by whole radians) and checkpoints hold only learned
+        # weights. Meta keeps its freqs_cis the same way; forward moves them to the input's device.
+        self.rope_cos, self.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta, "cpu")
         self._init_weights()
-
-    def _init_rope(self, device=None):
-        cos, sin = rope_cos_sin(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
-        # Non-persistent: checkpoints hold only learned weights.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        # Keep the RoPE tables in float32 whatever dtype the weights are cast to (Meta keeps
-        # freqs_cis in complex64): bf16 angles at position 4000 would be off by whole radians.
-        super()._apply(fn, recurse)
-        self._init_rope(self.rope_cos.device)
-        return self
 
     def _init_weights(self) -> None:
         """Every matrix from N(0, init_std); norms start at 1. GPT-2 / llama2.c: the projections that
@@ -162,27 +101,14 @@ class Llama(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        self._check_tokens(tokens, start_pos)
+        check_tokens(tokens, start_pos, self.config.max_seq_len)
         T = tokens.shape[1]
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        self.rope_cos, self.rope_sin = self.rope_cos.to(tokens.device), self.rope_sin.to(tokens.device)
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]  # (T, hd/2)
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos)
         return self.output(self.norm(h)).float()  # (B, T, vocab_size)
-
-    def _check_tokens(self, tokens: torch.Tensor, start_pos: int) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be an int64 (or int32) tensor of token ids, got {got}: "
-                             "use torch.tensor(ids, dtype=torch.long)")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}: "
-                             "add a batch dimension with tokens[None]")
-        end = start_pos + tokens.shape[1]
-        if end > self.config.max_seq_len:
-            raise ValueError(f"start_pos ({start_pos}) + tokens ({tokens.shape[1]}) = {end} exceeds "
-                             f"max_seq_len ({self.config.max_seq_len}): shorten the input or build the "
-                             "model with a larger max_seq_len")
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy in nats: tokens, targets (B, T)."""
@@ -224,6 +150,76 @@ class Llama(nn.Module):
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel()
         return n
+
+
+# ---- presets, checks and counting ----------------------------------------------------------------
+
+def check_config(c: LlamaConfig) -> None:
+    """Raise ValueError, saying what to change, for a shape the model cannot be built with."""
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(c, name)}")
+    if c.dim % c.n_heads:
+        ok = [h for h in range(1, c.dim + 1) if c.dim % h == 0 and (c.dim // h) % 2 == 0]
+        raise ValueError(f"dim ({c.dim}) must be divisible by n_heads ({c.n_heads}): "
+                         f"pick n_heads in {ok[:12]}")
+    if c.n_heads % c.n_kv_heads:
+        ok = [h for h in range(1, c.n_heads + 1) if c.n_heads % h == 0]
+        raise ValueError(f"n_heads ({c.n_heads}) must be divisible by n_kv_heads ({c.n_kv_heads}): "
+                         f"pick n_kv_heads in {ok}")
+    if c.head_dim % 2:
+        raise ValueError(f"head_dim = dim / n_heads = {c.head_dim} must be even for RoPE: "
+                         "change dim or n_heads")
+    if not c.init_std > 0:
+        raise ValueError(f"init_std must be > 0, got {c.init_std}")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {c.dropout}")
+
+
+# Named shapes. "llama2-7b" is for counting (6.7B parameters); the small ones train on a CPU.
+PRESETS: dict[str, LlamaConfig] = {
+    "llama2-7b": LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
+    "llama2-13b": LlamaConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
+    "llama2-70b": LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                              ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
+    "tinyllama-1.1b": LlamaConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                  hidden_dim=5632, max_seq_len=2048),
+    "smoke": LlamaConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         hidden_dim=64, max_seq_len=64),
+    # init_std 0.04: better than GPT-2's 0.02 at this width (benchmarks/train_shakespeare.md, round 5)
+    "tiny": LlamaConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                        hidden_dim=384, max_seq_len=256, init_std=0.04),
+    "small": LlamaConfig(vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4,
+                         hidden_dim=768, max_seq_len=256),
+    # about 10M parameters (bpe:1024), for a GPU such as Colab's T4: 1000 steps on Tiny Shakespeare reach
+    # 1.47 nats/char (31 s on an H100, benchmarks/gpu.md); more steps memorise the 1 MB corpus
+    "colab-t4": LlamaConfig(vocab_size=4096, dim=384, n_layers=6, n_heads=6, n_kv_heads=2,
+                            hidden_dim=1024, max_seq_len=256),
+}
+
+
+def get_config(name: str, **overrides) -> LlamaConfig:
+    """A copy of preset `name` with fields overridden, e.g. get_config("tiny", vocab_size=65)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    base = PRESETS[name]
+    if "n_heads" in overrides and base.n_kv_heads == base.n_heads:
+        overrides.setdefault("n_kv_heads", None)  # a multi-head preset stays multi-head
+    if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
+        overrides.setdefault("hidden_dim", None)  # recompute the SwiGLU width for the new shape
+    return replace(base, **overrides)
+
+
+def check_tokens(tokens: torch.Tensor, start_pos: int, max_seq_len: int) -> None:
+    """Raise ValueError unless tokens is an int (B, T) tensor whose positions fit in max_seq_len."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
+        got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be an int64 (or int32) tensor of shape (batch, seq_len), got {got}: "
+                         "use torch.tensor([ids], dtype=torch.long), or add a batch dimension with tokens[None]")
+    end = start_pos + tokens.shape[1]
+    if end > max_seq_len:
+        raise ValueError(f"start_pos ({start_pos}) + tokens ({tokens.shape[1]}) = {end} exceeds max_seq_len "
+                         f"({max_seq_len}): shorten the input or build the model with a larger max_seq_len")
 
 
 def count_params(config: LlamaConfig) -> int:

@@ -3,7 +3,7 @@
     tok = get_tokenizer("bpe:4096", train_text=train_text)   # or "char", "gpt2", "cl100k_base"
     ids = tok.encode("To be, or not to be")                  # list[int]
     assert tok.decode(ids) == "To be, or not to be"           # lossless on any UTF-8 text
-    tok.save("out/run1"); tok = load_tokenizer("out/run1")
+    tok.save("out/run1"); tok = load_tokenizer("out/run1")   # writes/reads course_tokenizer.json
 
 The BPE trainer is incremental (counts weighted by word frequency, only the words a merge
 touches are updated, a lazy max-heap finds the best pair): 4096 tokens on Tiny Shakespeare take
@@ -32,7 +32,8 @@ GPT4_SPLIT_PATTERN = (
 )
 EOT = "<|endoftext|>"
 TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
-META_FILE = "tokenizer.json"
+TOKENIZER_FILE = "course_tokenizer.json"  # ours; not HF's tokenizer.json, which a run folder may also hold
+LEGACY_TOKENIZER_FILE = "tokenizer.json"   # what run folders written before the rename hold
 RANKS_FILE = "tokenizer.tiktoken"
 
 
@@ -74,7 +75,7 @@ class TiktokenTokenizer:
             meta = {"kind": "bpe", "name": self.name, "pat_str": self.encoding._pat_str,
                     "special_tokens": self.encoding._special_tokens}
             save_ranks(self.ranks, directory / RANKS_FILE)
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+        (directory / TOKENIZER_FILE).write_text(json.dumps(meta, indent=1))
 
 
 class CharTokenizer:
@@ -123,7 +124,7 @@ class CharTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"kind": "char", "name": self.name, "chars": self.chars}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+        (directory / TOKENIZER_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- BPE training
@@ -237,7 +238,7 @@ def get_tokenizer(name: str, *, train_text: str | None = None, cache_dir: str | 
     if cache_dir is not None:
         digest = hashlib.sha256(train_text.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
         cached = Path(cache_dir) / f"{name.replace(':', '-')}-{digest}"
-        if (cached / META_FILE).exists():
+        if _saved_file(cached) is not None:
             return load_tokenizer(cached)
     if name == "char":
         tok: Tokenizer = CharTokenizer(train_text)
@@ -268,12 +269,22 @@ def _tiktoken_by_name(name: str) -> TiktokenTokenizer:
     return TiktokenTokenizer(name, encoding)
 
 
+def _saved_file(directory: Path) -> Path | None:
+    """The file `Tokenizer.save` wrote in `directory` (or the legacy name), if there is one."""
+    for name in (TOKENIZER_FILE, LEGACY_TOKENIZER_FILE):
+        path = directory / name
+        if path.exists() and (name == TOKENIZER_FILE or '"kind"' in path.read_text(encoding="utf-8")[:200]):
+            return path
+    return None
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load what `Tokenizer.save(directory)` wrote (e.g. from a checkpoint directory)."""
     directory = Path(directory)
-    if not (directory / META_FILE).exists():
-        raise FileNotFoundError(f"no {META_FILE} in {directory}: save one with tokenizer.save(directory)")
-    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    path = _saved_file(directory)
+    if path is None:
+        raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}: save one with tokenizer.save(directory)")
+    meta = json.loads(path.read_text(encoding="utf-8"))
     if meta["kind"] == "char":
         return CharTokenizer(meta["chars"])
     if meta["kind"] == "tiktoken":
@@ -282,3 +293,53 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     encoding = tiktoken.Encoding(name=meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks,
                                  special_tokens=meta["special_tokens"])
     return TiktokenTokenizer(meta["name"], encoding, ranks)
+
+
+# ----------------------------------------------------------------------------- tokenizers of other checkpoints
+
+
+class HFTokenizer:
+    """A `tokenizer.json` through the `tokenizers` library. encode adds BOS as the tokenizer's template says."""
+
+    def __init__(self, path: Path, eos_token: str | None = None):
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(f"{path} needs the `tokenizers` library: pip install tokenizers") from e
+        self.path, self.tokenizer = path, tokenizers.Tokenizer.from_file(str(path))
+        self.name, self.vocab_size = f"tokenizers:{path}", self.tokenizer.get_vocab_size()
+        candidates = [eos_token, "</s>", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>"]
+        self.eot_id = next((i for t in candidates if t and (i := self.tokenizer.token_to_id(t)) is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class SentencePieceTokenizer:
+    """A `tokenizer.model` (Meta's Llama 2 tokenizer) through `sentencepiece`. encode prepends BOS."""
+
+    def __init__(self, path: Path):
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ImportError(f"{path} needs the `sentencepiece` library: pip install sentencepiece") from e
+        self.path, self.sp = path, sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.name, self.vocab_size = f"sentencepiece:{path}", self.sp.get_piece_size()
+        self.bos_id, self.eot_id = self.sp.bos_id(), (self.sp.eos_id() if self.sp.eos_id() >= 0 else None)
+
+    def encode(self, text: str) -> list[int]:
+        return ([self.bos_id] if self.bos_id >= 0 else []) + self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        # the model's vocabulary may be padded past the tokenizer's: skip ids it has no piece for
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+def eos_token_from_config(directory: Path) -> str | None:
+    """The eos token's text from a Hugging Face folder's tokenizer_config.json, if there is one."""
+    f = directory / "tokenizer_config.json"
+    eos = json.loads(f.read_text()).get("eos_token") if f.exists() else None
+    return eos.get("content") if isinstance(eos, dict) else eos
