@@ -55,6 +55,9 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    r = sub.add_parser("report", help="one markdown table row per run folder, from its metrics.json")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `train`")
+    r.add_argument("--no-header", dest="header", action="store_false", help="rows only, to append to a table")
     return parser
 
 
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "report":
+            from .report import report_rows
+            print(report_rows(args.run_dirs, header=args.header))
+            return 0
         return run_generate(args)
     except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
