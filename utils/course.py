@@ -22,19 +22,27 @@ def badge_markdown(notebook: str) -> str:
 
 def setup_cell_source() -> str:
     """The second cell of every lesson: runs unchanged in Colab (clone + install) and locally."""
-    name = REPO.split("/")[1]
     return f'''# Setup: in Colab, clone the course and install what Colab lacks; locally, find the repo root.
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-if "google.colab" in sys.modules and not Path("{name}").exists():
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{REPO}"], check=True)
+REPO = "{REPO}"  # working from a fork? put its owner/name here
+if "google.colab" in sys.modules and not Path(REPO.split("/")[1]).exists():
+    r = subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{REPO}}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"could not clone https://github.com/{{REPO}}: {{r.stderr.strip()[-300:]}}\\n"
+                         "If the course lives in a fork, set REPO above to its owner/name (and in utils/course.py).")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "tiktoken", "datasets"], check=True)
-candidates = [Path.cwd(), *Path.cwd().parents, Path("{name}").resolve()]
-ROOT = next(p for p in candidates if (p / "utils" / "model.py").exists())
+candidates = [Path.cwd(), *Path.cwd().parents, Path(REPO.split("/")[1]).resolve()]
+ROOT = next((p for p in candidates if (p / "utils" / "model.py").exists()), None)
+if ROOT is None:
+    raise SystemExit("the course's utils/ folder is not here: open this notebook from the course's folder, or in Colab")
 sys.path.insert(0, str(ROOT))
+if "utils" in sys.modules and Path(sys.modules["utils"].__file__ or "").parent != ROOT / "utils":
+    for module in [m for m in sys.modules if m == "utils" or m.startswith("utils.")]:
+        del sys.modules[module]  # another package called utils was imported first: use the course's
 SMOKE = os.environ.get("LLAMA_SMOKE") == "1"  # tiny sizes and few steps, for the test suite'''
 
 
