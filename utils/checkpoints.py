@@ -10,6 +10,7 @@ Formats (`detect_format`):
     meta         params.json + consolidated.00.pth, consolidated.01.pth, ... (model-parallel shards)
     llama2c-pt   llama2c's training checkpoint (.pt with "model" and "model_args")
     llama2c-bin  llama2c's export: version 0 (legacy header), 1 ("ak42" header), 2 (int8, dequantised)
+    gguf         llama.cpp's .gguf file (utils/gguf.py): any tensor type the gguf package dequantizes
     hub          "owner/name" on the Hugging Face hub: downloaded, then read as "hf"
 
 Our model uses Meta's RoPE (adjacent pairs), as do Meta and llama2c; HF stores wq/wk permuted for
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .gguf import GGUFTokenizer, load_gguf, load_gguf_tokenizer
 from .model import Llama, LlamaConfig
 from .rope import permute_hf_to_meta, permute_meta_to_hf
 
@@ -198,10 +200,12 @@ def _detect_file(p: Path) -> str:
         raise ValueError(f"{p} is one file of a checkpoint directory: pass the directory {p.parent} instead")
     if p.suffix == ".bin":
         return "llama2c-bin"
+    if p.suffix == ".gguf":
+        return "gguf"
     if p.suffix in (".pt", ".pth", ".ckpt"):
         return _checkpoint_kind(p)
     raise ValueError(f"unknown checkpoint file {p}: expected a directory ({EXPECTED_FILES}), "
-                     "a llama2c .bin export or a .pt checkpoint")
+                     "a llama2c .bin export, a .pt checkpoint or a llama.cpp .gguf file")
 
 
 def _detect_dir(p: Path) -> str:
@@ -220,7 +224,7 @@ def _detect_dir(p: Path) -> str:
 
 
 def detect_format(path: str | Path) -> str:
-    """One of "ours", "hf", "meta", "llama2c-pt", "llama2c-bin", "hub"; a clear error for anything else."""
+    """One of "ours", "hf", "meta", "llama2c-pt", "llama2c-bin", "gguf", "hub"; a clear error for anything else."""
     p = Path(path)
     if p.is_dir():
         return _detect_dir(p)
@@ -534,7 +538,7 @@ def load_ours(path: Path, max_seq_len: int | None = None) -> tuple[LlamaConfig, 
 # ---- the entry points ---------------------------------------------------------------------------------
 
 LOADERS = {"ours": load_ours, "hf": load_hf, "meta": load_meta, "llama2c-pt": load_llama2c_pt,
-           "llama2c-bin": load_llama2c_bin}
+           "llama2c-bin": load_llama2c_bin, "gguf": load_gguf}
 
 
 def load_pretrained(path: str | Path, *, device="cpu", dtype=None, max_seq_len: int | None = None) -> Llama:
@@ -545,7 +549,10 @@ def load_pretrained(path: str | Path, *, device="cpu", dtype=None, max_seq_len: 
     fmt = detect_format(path)
     if fmt == "hub":
         path, fmt = download_hub(str(path)), "hf"
-    config, sd = LOADERS[fmt](Path(path), max_seq_len)
+    if fmt == "gguf":  # dequantized straight to dtype: a 7B Q4 file never exists in float32 first
+        config, sd = load_gguf(Path(path), max_seq_len, dtype=_as_dtype(dtype))
+    else:
+        config, sd = LOADERS[fmt](Path(path), max_seq_len)
     return build_model(config, sd, f"{path} ({fmt})", device=device, dtype=dtype)
 
 
@@ -657,14 +664,16 @@ def _eos_token(directory: Path) -> str | None:
     return eos.get("content") if isinstance(eos, dict) else eos
 
 
-def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer | None:
-    """The tokenizer shipped with a foreign checkpoint (tokenizer.json or tokenizer.model), else None.
+def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer | GGUFTokenizer | None:
+    """The tokenizer shipped with a foreign checkpoint (tokenizer.json, tokenizer.model, a GGUF's metadata), else None.
 
     None for our own checkpoints too: load those with utils.tokenizer.load_tokenizer(directory).
     """
     fmt = detect_format(path)
     if fmt == "ours":
         return None
+    if fmt == "gguf":
+        return load_gguf_tokenizer(path)
     directory = download_hub(str(path)) if fmt == "hub" else Path(path)
     directory = directory if directory.is_dir() else directory.parent
     if (directory / "tokenizer.json").exists():
