@@ -159,9 +159,10 @@ def run_generate(args) -> int:
     context = ids if args.prompt else []
     new: list[int] = []
     shown = tok.decode(context) if context else ""
+    stops = getattr(tok, "eos_ids", None) or ({tok.eot_id} if tok.eot_id is not None else None)  # GGUF: several
     for token in stream(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        stop_token=tok.eot_id, generator=gen):
-        if token.item() == tok.eot_id:
+                        stop_token=stops, generator=gen):
+        if stops and token.item() in stops:
             break
         new.append(token.item())
         text = tok.decode(context + new)
