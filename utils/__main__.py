@@ -1,4 +1,4 @@
-"""Command line: `python -m utils train ...` and `python -m utils generate ...` (`--help` on each)."""
+"""Command line: `python -m utils train ...`, `generate ...` and `chat ...` (`--help` on each)."""
 
 import argparse
 import os
@@ -8,6 +8,7 @@ from typing import get_args
 
 import torch
 
+from .chat import add_chat_parser, run_chat
 from .train import TrainConfig
 
 TRAIN_HELP = {
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    add_chat_parser(sub)  # utils/chat.py
     return parser
 
 
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "chat":
+            return run_chat(args)
         return run_generate(args)
     except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
