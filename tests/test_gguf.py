@@ -8,12 +8,16 @@ own writer and quantizers. The real SmolLM2-135M-Instruct Q4_1 file comes from t
 import copy
 import importlib.util
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from utils.chat import render_chat
 from utils.checkpoints import (
     build_model,
     detect_format,
@@ -239,7 +243,8 @@ def test_model_larger_than_memory_is_refused_before_dequantizing(tmp_path, monke
 
 # ---- 3. tokenizers from GGUF metadata ------------------------------------------------------------------------
 
-def write_sentencepiece_gguf(directory: Path):
+def write_sentencepiece_gguf(directory: Path, chat_template: str | None = "{% for m in messages %}[{{ m['role'] }}] "
+                                                                             "{{ m['content'] }}{% endfor %}"):
     """A Llama 2 style SentencePiece model (BPE, byte fallback, digits split), as convert_hf_to_gguf.py stores it."""
     import sentencepiece as spm
 
@@ -263,7 +268,8 @@ def write_sentencepiece_gguf(directory: Path):
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_chat_template("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
+    if chat_template:
+        w.add_chat_template(chat_template)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -293,6 +299,16 @@ def test_sentencepiece_gguf_tokenizer_matches_sentencepiece_and_transformers(tmp
         if not text.startswith(" "):
             assert ids == ref.encode(text), text
     assert tok.encode("<s>x</s>") == [1, 1, *sp.encode("x"), 2]  # markers are one id each
+
+
+def test_chat_with_a_gguf_without_template_says_to_use_generate(tmp_path, capsys):
+    from utils.__main__ import main
+
+    write_sentencepiece_gguf(tmp_path, chat_template=None)
+    assert load_gguf_tokenizer(tmp_path / "spm.gguf").chat_template is None
+    assert main(["chat", "--checkpoint", str(tmp_path / "spm.gguf"), "--message", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "has no chat template" in err and "python -m utils generate" in err
 
 
 def test_merges_from_scores_rank_the_best_scoring_piece_first():
@@ -345,3 +361,17 @@ def test_smollm2_tokenizer_matches_transformers():
         if "<|" not in text:
             assert tok.decode(ids) == text
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = render_chat(tok.chat_template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    assert prompt == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+@needs_smollm2
+def test_smollm2_chat_answers_the_capital_of_france():
+    command = [sys.executable, "-m", "utils", "chat", "--checkpoint", str(SMOL), "--message",
+               "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "30"]
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
