@@ -148,7 +148,8 @@ def test_llama_cpp_permute_of_hf_qk_is_our_meta_layout():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_f32_gguf_gives_the_original_logits(tmp_path, tied, capsys):
+def test_f32_gguf_gives_the_original_logits(tmp_path, tied, capsys, monkeypatch):
+    monkeypatch.setattr("utils.gguf.PROGRESS_BAR_BYTES", 0 if tied else 10**12)
     model = random_llama(tied=tied)
     write_gguf(model, tmp_path / "model.gguf")
     assert detect_format(tmp_path / "model.gguf") == "gguf"
@@ -162,6 +163,7 @@ def test_f32_gguf_gives_the_original_logits(tmp_path, tied, capsys):
     err = capsys.readouterr().err
     assert "'tiny test llama'" in err and "1.2M parameters" in err
     assert "F32 tensors -> float32" in err and " MB of memory" in err
+    assert ("dequantizing: 100%" in err) == tied  # the progress bar, shown for large files
 
 
 QUANT_TYPES = [Q.F16, Q.BF16, Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0, Q.Q6_K, Q.Q5_K, Q.Q4_K, Q.Q3_K, Q.Q2_K]

@@ -319,7 +319,8 @@ def _with_max_seq_len(config: LlamaConfig, max_seq_len: int | None) -> LlamaConf
 
 
 HUB_PATTERNS = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
+                "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                "chat_template.jinja"]
 
 
 def download_hub(repo_id: str) -> Path:

@@ -173,8 +173,8 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def check_memory(reader, config: LlamaConfig, dtype: torch.dtype, path) -> int:
-    """Bytes the dequantized model needs; ValueError before any work if that is more than is available."""
+def check_memory(reader, config: LlamaConfig, dtype: torch.dtype, path) -> tuple[int, int | None]:
+    """(bytes the dequantized model needs, bytes available); ValueError, before any work, if it does not fit."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     largest = max(t.n_elements for t in reader.tensors)
     needed = count_params(config) * itemsize + largest * (4 + itemsize)  # + one tensor in flight (fp32 + cast)
@@ -183,7 +183,7 @@ def check_memory(reader, config: LlamaConfig, dtype: torch.dtype, path) -> int:
         smaller = " or load it with dtype=torch.bfloat16 (half of float32)" if itemsize == 4 else ""
         raise ValueError(f"{path} needs {_size(needed)} of memory as {str(dtype).removeprefix('torch.')} but only "
                          f"{_size(available)} is available: close other programs, pick a smaller model{smaller}")
-    return needed
+    return needed, available
 
 
 def load_gguf(path: Path, max_seq_len: int | None = None, *, dtype=None,
@@ -197,13 +197,14 @@ def load_gguf(path: Path, max_seq_len: int | None = None, *, dtype=None,
     config = config_from_gguf(reader, path, max_seq_len)
     _check_tensor_types(reader, path)
     dtype = dtype or torch.float32
-    needed = check_memory(reader, config, dtype, path)
+    needed, available = check_memory(reader, config, dtype, path)
     if verbose:
         types = Counter(t.tensor_type.name for t in reader.tensors)
         print(f"loading {metadata(reader, 'general.name', Path(path).name)!r} from {path}: "
               f"{count_params(config) / 1e6:.1f}M parameters stored as "
               f"{', '.join(f'{n} {kind}' for kind, n in types.most_common())} tensors -> "
-              f"{str(dtype).removeprefix('torch.')}, {_size(needed)} of memory", file=sys.stderr)
+              f"{str(dtype).removeprefix('torch.')}, {_size(needed)} of memory"
+              + (f" ({_size(available)} available)" if available is not None else ""), file=sys.stderr)
     from tqdm.auto import tqdm
 
     show = verbose and Path(path).stat().st_size > PROGRESS_BAR_BYTES
