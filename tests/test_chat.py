@@ -135,6 +135,8 @@ def test_chat_without_a_template_says_to_use_generate(hf_folder, capsys):
 
 def test_chat_answers_one_message_from_an_hf_folder(hf_folder, capsys):
     (hf_folder / "chat_template.jinja").write_text(ZEPHYR)
+    assert main(["chat", "--checkpoint", str(hf_folder), "--message", " "]) == 2
+    assert "--message is empty" in capsys.readouterr().err
     assert main(["chat", "--checkpoint", str(hf_folder), "--message", "hello there", "--temperature", "1",
                  "--seed", "0", "--max-new-tokens", "8"]) == 0
     reply = capsys.readouterr().out.split()  # a random model: some of its 8 tokens are words

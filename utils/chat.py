@@ -221,6 +221,8 @@ def _converse(model, tokenizer, template: str, special: dict[str, str], args, de
         print(f"chatting with {args.checkpoint}: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
     while True:
         text = args.message if args.message is not None else input(">>> ")
+        if not text.strip() and args.message is not None:
+            raise ValueError("--message is empty: write a message, or leave --message out to chat")
         if not text.strip():
             continue
         try:

@@ -310,6 +310,26 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], merges: list[str]
     return tok
 
 
+def _add_special_tokens(tok, tokens: list[str], types: list[int], ids: dict[str, int | None]) -> None:
+    """Control tokens and the bos/eos/unk/pad ids become special: matched whole in the text, as llama.cpp
+    does ("<|im_start|>" is one id, never "<", "|", "im", ...), and skipped by decode. User-defined tokens
+    are matched whole too, but decoded."""
+    from tokenizers import AddedToken
+
+    special = {i for i, t in enumerate(types) if t == CONTROL} | {i for i in ids.values() if i is not None}
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, t_type in zip(tokens, types) if t_type == USER_DEFINED])
+
+
+def _add_bos_eos(tok, tokens: list[str], bos: int | None, eos: int | None) -> None:
+    """encode adds BOS before (EOS after) the text, as tokenizer.ggml.add_bos_token (add_eos_token) says."""
+    from tokenizers import processors
+
+    pairs = [(tokens[i], i) for i in (bos, eos) if i is not None]
+    single = ([tokens[bos]] if bos is not None else []) + ["$A"] + ([tokens[eos]] if eos is not None else [])
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=pairs)
+
+
 def load_gguf_tokenizer(path: str | Path) -> GGUFTokenizer | None:
     """The tokenizer in a GGUF file's metadata (tokenizer.ggml.model "gpt2" or "llama"), or None if it has none."""
     reader = read_gguf(path)
@@ -318,31 +338,24 @@ def load_gguf_tokenizer(path: str | Path) -> GGUFTokenizer | None:
     if kind is None or tokens is None:
         return None
     try:
-        from tokenizers import AddedToken, processors
+        import tokenizers  # noqa: F401
     except ImportError as e:
         raise ImportError(f"the tokenizer of {path} needs the `tokenizers` library: pip install tokenizers") from e
+    ids = {key: get(f"{key}_token_id") for key in ("bos", "eos", "unknown", "padding", "eot", "eom")}
     if kind == "gpt2":
         tok = _byte_level_bpe(tokens, get("merges", []), get("pre", "default"))
     elif kind == "llama":
-        unk_id = get("unknown_token_id")
-        tok = _sentencepiece_bpe(tokens, get("scores"), get("merges"), tokens[unk_id] if unk_id is not None else None,
-                                 get("add_space_prefix", True))
+        unk = tokens[ids["unknown"]] if ids["unknown"] is not None else None
+        tok = _sentencepiece_bpe(tokens, get("scores"), get("merges"), unk, get("add_space_prefix", True))
     else:
         raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported: only 'gpt2' (byte-level BPE, "
                          "as SmolLM2 and Llama 3) and 'llama' (SentencePiece, as Llama 2)")
-    types = get("token_type") or [NORMAL] * len(tokens)
-    ids = {key: get(f"{key}_token_id") for key in ("bos", "eos", "unknown", "padding", "eot", "eom")}
-    special = {i for i, t in enumerate(types) if t == CONTROL} | {i for i in ids.values() if i is not None}
-    # matched whole in the text, as llama.cpp does: "<|im_start|>" is one id, never "<", "|", "im", ...
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
-    tok.add_tokens([AddedToken(t, normalized=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED])
-    bos, eos = ids["bos"], ids["eos"]
-    add_bos = get("add_bos_token", kind == "llama") and bos is not None  # llama.cpp: SentencePiece adds BOS
-    add_eos = get("add_eos_token", False) and eos is not None
+    _add_special_tokens(tok, tokens, get("token_type") or [NORMAL] * len(tokens), ids)
+    add_bos = get("add_bos_token", kind == "llama") and ids["bos"] is not None  # llama.cpp: SentencePiece adds BOS
+    add_eos = get("add_eos_token", False) and ids["eos"] is not None
     if add_bos or add_eos:
-        single = [tokens[bos]] * add_bos + ["$A"] + [tokens[eos]] * add_eos
-        pairs = [(tokens[i], i) for i, on in ((bos, add_bos), (eos, add_eos)) if on]
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=pairs)
-    eos_ids = {i for i in (eos, ids["eot"], ids["eom"]) if i is not None}
-    eos_ids |= {i for i in (tok.token_to_id(t) for t in END_TOKENS) if i is not None and i < len(tokens)}
-    return GGUFTokenizer(tok, f"gguf:{path}", bos, eos, eos_ids, metadata(reader, "tokenizer.chat_template"))
+        _add_bos_eos(tok, tokens, ids["bos"] if add_bos else None, ids["eos"] if add_eos else None)
+    eos_ids = {i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None}
+    eos_ids |= {i for i in map(tok.token_to_id, END_TOKENS) if i is not None}
+    return GGUFTokenizer(tok, f"gguf:{path}", ids["bos"], ids["eos"], eos_ids,
+                         metadata(reader, "tokenizer.chat_template"))
