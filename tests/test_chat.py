@@ -147,8 +147,8 @@ def test_chat_answers_one_message_from_an_hf_folder(hf_folder, capsys):
 def test_interactive_chat_ends_cleanly_on_ctrl_d_and_ctrl_c(hf_folder, capsys, monkeypatch):
     config = json.loads((hf_folder / "tokenizer_config.json").read_text())
     (hf_folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": ZEPHYR}))
-    args = ["chat", "--checkpoint", str(hf_folder), "--max-new-tokens", "100", "--seed", "0"]
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n" + "hello there " * 20 + "\nhow are you\n"))
+    args = ["chat", "--checkpoint", str(hf_folder), "--max-new-tokens", "1000", "--seed", "0"]  # 64: half the context
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n" + "hello there " * 40 + "\nhow are you\n"))
     assert main(args) == 0  # stdin ends: Ctrl-D
     out, err = capsys.readouterr()
     assert out.count(">>> ") == 5  # hello, (empty: asked again), too long, how are you, end of input

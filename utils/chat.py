@@ -170,7 +170,8 @@ def add_chat_parser(sub) -> argparse.ArgumentParser:
                    help="a .gguf file, a Hugging Face folder with a chat template, or a hub id")
     c.add_argument("--message", default=None, help="answer this one message and exit (default: interactive)")
     c.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
-    c.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest reply, in tokens")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                   help="longest reply, in tokens (at most half the model's context)")
     c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy; higher is more random")
     c.add_argument("--top-k", type=_positive_int, default=None, help="sample only from the k most likely tokens")
     c.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set with this much mass")
@@ -202,9 +203,7 @@ def run_chat(args) -> int:
                              f"model: {generate_instead}")
         device = pick_device(args.device)
         model = load_pretrained(args.checkpoint, device=device, dtype=args.dtype)
-        if args.max_new_tokens >= model.config.max_seq_len:
-            raise ValueError(f"--max-new-tokens ({args.max_new_tokens}) must be smaller than the model's context "
-                             f"({model.config.max_seq_len})")
+        args.max_new_tokens = min(args.max_new_tokens, model.config.max_seq_len // 2)  # the prompt gets the rest
         return _converse(model, tokenizer, template, special, args, device)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C anywhere, Ctrl-D at the prompt: leave quietly
         print(file=sys.stderr)
