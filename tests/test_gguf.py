@@ -254,7 +254,8 @@ def write_sentencepiece_gguf(directory: Path, chat_template: str | None = "{% fo
     import sentencepiece as spm
 
     buf = io.BytesIO()
-    text = (ROOT / "README.md").read_text(encoding="utf-8").splitlines() * 3
+    text = [line for f in ("utils/gguf.py", "utils/chat.py", "tests/test_gguf.py")
+            for line in (ROOT / f).read_text(encoding="utf-8").splitlines()]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=700, model_type="bpe",
                                    byte_fallback=True, split_digits=True, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
