@@ -165,7 +165,8 @@ def _positive_int(text: str) -> int:
 
 def add_chat_parser(sub) -> argparse.ArgumentParser:
     """`python -m utils chat`: its flags, as a subcommand of the main parser."""
-    c = sub.add_parser("chat", help="chat with an instruction-tuned model through its chat template")
+    c = sub.add_parser("chat", help="chat with an instruction-tuned model through its chat template",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--checkpoint", required=True,
                    help="a .gguf file, a Hugging Face folder with a chat template, or a hub id")
     c.add_argument("--message", default=None, help="answer this one message and exit (default: interactive)")

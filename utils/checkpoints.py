@@ -233,7 +233,7 @@ def detect_format(path: str | Path) -> str:
     if HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
         return "hub"
     raise FileNotFoundError(f"{path} does not exist: pass a checkpoint directory ({EXPECTED_FILES}), "
-                            "a llama2c .pt/.bin file, or a Hugging Face hub id 'owner/name'")
+                            "a llama2c .pt/.bin file, a llama.cpp .gguf file, or a Hugging Face hub id 'owner/name'")
 
 
 # ---- Hugging Face -------------------------------------------------------------------------------------
