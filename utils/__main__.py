@@ -1,4 +1,4 @@
-"""Command line: `python -m utils train ...` and `python -m utils generate ...` (`--help` on each).
+"""Command line: `python -m utils train ...`, `generate ...` and `chat ...` (`--help` on each).
 
 Only `train` imports the trainer: generating text needs the model, the checkpoints and the sampler.
 """
@@ -10,6 +10,8 @@ from dataclasses import fields
 from typing import get_args
 
 import torch
+
+from .chat import add_chat_parser, run_chat
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,7 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    add_chat_parser(sub)  # utils/chat.py
     return parser
 
 
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "chat":
+            return run_chat(args)
         return run_generate(args)
     except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -125,9 +130,10 @@ def run_generate(args) -> int:
     context = ids if args.prompt else []
     new: list[int] = []
     shown = tok.decode(context) if context else ""
+    stops = getattr(tok, "eos_ids", None) or ({tok.eot_id} if tok.eot_id is not None else None)  # GGUF: several
     for token in stream(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        stop_token=tok.eot_id, generator=gen):
-        if token.item() == tok.eot_id:
+                        stop_token=stops, generator=gen):
+        if stops and token.item() in stops:
             break
         new.append(token.item())
         text = tok.decode(context + new)
