@@ -39,3 +39,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16  # AMX: 1.2-1.5x faster training steps (benchmarks/train_shakespeare.md)
         return torch.float32  # other CPUs emulate bf16 (slower than fp32); MPS: fp32 is safest
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def dtype_reason(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Why `pick_dtype(name, device)` gave `dtype`, in a few words for the start of a run."""
+    if name != "auto":
+        return "as asked (--dtype)"
+    if device.type == "cuda":
+        return "this GPU has it natively" if dtype == torch.bfloat16 else "this GPU only emulates bf16; loss scaling on"
+    if device.type == "cpu":
+        return "this CPU has AMX" if dtype == torch.bfloat16 else "this CPU has no AMX, so bf16 would be slower"
+    return "the safe choice on this device"
