@@ -52,9 +52,9 @@ def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)  # a downloaded pickle runs no code
     except Exception as e:  # truncated, damaged, or not a PyTorch file: torch raises many types
-        raise ValueError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                         "it is damaged or incomplete (an interrupted copy?). Restore a good copy, or start the "
-                         "run again with --overwrite") from e
+        why = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's first sentence says what it found
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {why}): it is damaged or incomplete (an "
+                         "interrupted copy?). Restore a good copy, or start the run again with --overwrite") from e
     missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a checkpoint written by utils.train (no {', '.join(missing)}): resume "

@@ -269,8 +269,8 @@ def kept_settings(cfg: TrainConfig, changed) -> str:
 
 class StopSignals:
     """While the run lasts, the first SIGINT (Ctrl-C) or SIGTERM (Colab, schedulers) asks it to stop after
-    the current step and save; a second one raises KeyboardInterrupt at once. Handlers are installed only
-    in the main thread (Python allows no other), and the previous ones come back afterwards."""
+    the current step and save; a second one of the same kind raises KeyboardInterrupt at once. Handlers are
+    installed only in the main thread (Python allows no other), and the previous ones come back afterwards."""
 
     def __init__(self, announce: bool = True):
         self.signal: int | None = None
@@ -290,8 +290,10 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signal is not None:
+        if self.signal == signum:
             raise KeyboardInterrupt(f"second {name}: stopped at once")
+        if self.signal is not None:  # torchrun answers a Ctrl-C with SIGTERM to every worker: already stopping
+            return
         self.signal = signum
         if self.announce:  # os.write, not print: a handler that prints may land inside another print
             msg = f"\n{name}: finishing this step, then saving (press Ctrl-C again to stop at once)\n"
