@@ -50,10 +50,11 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if command == "train":
         add_train_flags(t)
-    t.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out exactly where it stopped, with its settings")
     t.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (deletes it)")
     t.add_argument("--sample-tokens", type=int, default=None,
-                   help="tokens of sample text printed at the end (default: 200, or what the context allows; 0: none)")
+                   help="tokens of sample text printed at the end; 0: none; None: 200, or what the context allows")
     g = sub.add_parser("generate", help="stream text from a checkpoint", parents=[common])
     g.add_argument("--checkpoint", required=True,
                    help="a folder written by `train`, a Hugging Face/Meta/llama2.c checkpoint, or a hub id")

@@ -84,7 +84,7 @@ class TrainConfig:
     compile: bool = arg(False, "compile the model with torch.compile (faster on recent GPUs, slow to start)")
     seed: int = arg(1337, "random seed for initialisation, batches and dropout")
     out_dir: str = arg("out", "folder for ckpt.pt, the tokenizer and metrics.json")
-    progress: bool = arg(True, "show a progress bar")
+    progress: bool = arg(True, "show a progress bar, a summary of the run at its start and each evaluation")
 
     def validate(self) -> None:
         """Raise ValueError, saying what to change, for settings no run can use."""
