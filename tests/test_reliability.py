@@ -132,7 +132,7 @@ def test_second_train_into_a_folder_with_a_run_stops_before_any_work(tmp_path, d
     for words in ("device cpu", "parameters", "tokenizer char", "training tokens", "per parameter",
                   "validation tokens", f"saves {out / CKPT_FILE}", "step 5: val loss"):
         assert words in stdout, (words, stdout)  # the start of a run says what it will do
-    before = (out / CKPT_FILE).read_bytes()
+    before, prepare_data = (out / CKPT_FILE).read_bytes(), train_mod.prepare_data
     monkeypatch.setattr(train_mod, "prepare_data", lambda *a, **k: pytest.fail("did work before refusing"))
     rc, _, err = cli(capsys, *flags(data_env, out, 6))
     line = one_line_error(err)
@@ -140,7 +140,7 @@ def test_second_train_into_a_folder_with_a_run_stops_before_any_work(tmp_path, d
     assert (out / CKPT_FILE).read_bytes() == before
     with pytest.raises(FileExistsError, match="resume=True, overwrite=True"):
         train(smoke_cfg(out), data=data_env[1])
-    monkeypatch.undo()
+    monkeypatch.setattr(train_mod, "prepare_data", prepare_data)
     rc, _, _ = cli(capsys, *flags(data_env, out, 4), "--overwrite")
     assert rc == 0 and load_checkpoint(out)["step"] == 4
 
