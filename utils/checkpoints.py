@@ -32,6 +32,7 @@ from .weights import as_dtype, build_model, strip_prefix, torch_load, with_max_s
 
 CKPT_FILE = "ckpt.pt"
 METRICS_FILE = "metrics.json"
+TRAINING_KEYS = ("config", "train_config", "model", "optimizer", "step")  # what a resume reads
 
 
 # ---- our run folder -------------------------------------------------------------------------------------
@@ -45,12 +46,22 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
-    """The training state saved in out_dir/ckpt.pt."""
+    """The training state saved in out_dir/ckpt.pt; a clear ValueError for a damaged or foreign file."""
     path = Path(out_dir) / CKPT_FILE
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: train first (python -m utils train --out {out_dir}) "
                                 "or point --out/--checkpoint at a folder that has one")
-    return torch.load(path, map_location=map_location, weights_only=True)  # a downloaded pickle runs no code
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)  # a downloaded pickle runs no code
+    except Exception as e:  # truncated, damaged, or not a PyTorch file: torch raises many types
+        why = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's first sentence says what it found
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {why}): it is damaged or incomplete (an "
+                         "interrupted copy?). Restore a good copy, or start the run again with --overwrite") from e
+    missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint written by utils.train (no {', '.join(missing)}): resume "
+                         "only runs this trainer wrote, or start again with --overwrite")
+    return ckpt
 
 
 def load_model(out_dir: str | Path, device="cpu") -> tuple[Llama, Tokenizer]:

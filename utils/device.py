@@ -70,11 +70,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def dtype_reason(dtype: torch.dtype, device: torch.device) -> str:
-    """Why `pick_dtype("auto", device)` chose `dtype`, in a few words (printed at the start of a run)."""
+def dtype_reason(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Why `pick_dtype(name, device)` gave `dtype`, in a few words for the start of a run."""
+    if name != "auto":
+        return "as asked (--dtype)"
     if device.type == "cuda":
-        return "bf16: this GPU has it natively" if dtype == torch.bfloat16 else "fp16 + loss scaling: no native bf16"
+        return "this GPU has it natively" if dtype == torch.bfloat16 else "this GPU only emulates bf16; loss scaling on"
     if device.type == "cpu" and dtype == torch.bfloat16:
-        return ("bf16: this CPU has AMX" if cpu_has_bf16_matmul()
-                else f"bf16: AVX512-BF16 matmuls measured {cpu_bf16_speedup():.1f}x faster than fp32")
-    return "fp32: no faster bf16 on this device"
+        return ("this CPU has AMX" if cpu_has_bf16_matmul()
+                else f"this CPU's AVX512-BF16 matmuls measured {cpu_bf16_speedup():.1f}x faster than fp32")
+    if device.type == "cpu":
+        return "this CPU has no bf16 matmul measured faster than fp32"
+    return "the safe choice on this device"
