@@ -68,6 +68,8 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
     add_chat_parser(sub)  # utils/chat.py
     return parser
 
@@ -149,13 +151,14 @@ def run_train(args) -> int:
     return 0
 
 
-def load_for_generation(path: str, device: torch.device):
+def load_for_generation(path: str, device: torch.device, dtype: str | None = None):
     """(model, tokenizer) from our training folder or any format `load_pretrained` reads."""
-    from .checkpoints import detect_format, load_model, load_pretrained, load_pretrained_tokenizer
+    from .checkpoints import detect_format, load_pretrained, load_pretrained_tokenizer
+    from .tokenizer import load_tokenizer
 
+    model = load_pretrained(path, device=device, dtype=dtype)
     if detect_format(path) == "ours":
-        return load_model(path, device=device)
-    model = load_pretrained(path, device=device)
+        return model, load_tokenizer(path)
     tok = load_pretrained_tokenizer(path)
     if tok is None:
         raise FileNotFoundError(f"{path} ships no tokenizer (tokenizer.json or tokenizer.model): "
@@ -169,7 +172,7 @@ def run_generate(args) -> int:
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     device = pick_device(args.device)
-    model, tok = load_for_generation(args.checkpoint, device)
+    model, tok = load_for_generation(args.checkpoint, device, args.dtype)
     start = getattr(tok, "bos_id", None)  # Meta's tokenizers start from BOS, ours from end-of-text
     start = start if start is not None and start >= 0 else (tok.eot_id if tok.eot_id is not None else 0)
     ids = tok.encode(args.prompt) if args.prompt else [start]
