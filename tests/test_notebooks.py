@@ -43,8 +43,10 @@ def test_committed_notebook_is_a_complete_lesson(path):
     assert counts == list(range(1, len(code) + 1)), "outputs come from one run, top to bottom"
 
 
-def test_colab_links_lists_every_lesson_in_order():
+def test_colab_links_and_readme_list_every_lesson_in_order():
     assert (course.ROOT / "colab_links.md").read_text() == course.colab_links_markdown()
+    readme = (course.ROOT / "README.md").read_text()
+    assert readme == course.readme_with_lessons(readme), "run `python -m utils.course`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
