@@ -49,24 +49,55 @@ def test_colab_links_and_readme_list_every_lesson_in_order():
     assert readme == course.readme_with_lessons(readme), "run `python -m utils.course`"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_mode(path, tmp_path):
+def exercise_cells(nb) -> list:
+    """The cells a learner fills in: tagged "exercise" in their metadata."""
+    return [c for c in nb["cells"] if "exercise" in c["metadata"].get("tags", [])]
+
+
+def check_outputs(nb) -> list[str]:
+    """The printed text of every cell that grades an exercise (calls run_check)."""
+    return ["".join(o.get("text", "") for o in c["outputs"] if o["output_type"] == "stream")
+            for c in nb["cells"] if c["cell_type"] == "code" and "run_check(" in "".join(c["source"])]
+
+
+def execute_in_smoke_mode(nb, path: Path):
+    """Run a notebook top to bottom with LLAMA_SMOKE=1, in memory: the committed copy is never overwritten."""
     nbclient = pytest.importorskip("nbclient")
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(str(path), as_version=4)
     env = {"LLAMA_SMOKE": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(path.parent)}})
-        client.execute()  # executed in memory: the committed copy is never overwritten
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return nb
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode_with_its_exercises_unattempted(path):
+    nbformat = pytest.importorskip("nbformat")
+    nb = execute_in_smoke_mode(nbformat.read(str(path), as_version=4), path)
+    outputs = check_outputs(nb)
+    assert len(exercise_cells(nb)) >= 3 and len(outputs) >= len(exercise_cells(nb)), "at least three exercises"
+    assert all("not attempted yet" in text for text in outputs), outputs
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_solutions_pass_every_checker(path):
+    # every exercise cell replaced by the repository's solutions: each checker must print that it passed
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(str(path), as_version=4)
+    module = f"solutions.lesson_{path.stem[:2]}"
+    assert (course.ROOT / "solutions" / f"lesson_{path.stem[:2]}.py").exists(), f"no {module}"
+    for cell in exercise_cells(nb):
+        cell["source"] = f"from {module} import *  # the solutions"
+    outputs = check_outputs(execute_in_smoke_mode(nb, path))
+    assert outputs and all("passed" in text and "❌" not in text for text in outputs), outputs
 
 
 def run_setup_cell(cwd: Path, prelude: str, env_extra: dict | None = None):
