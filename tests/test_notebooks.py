@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,25 +43,82 @@ def test_committed_notebook_is_a_complete_lesson(path):
     assert counts == list(range(1, len(code) + 1)), "outputs come from one run, top to bottom"
 
 
-def test_colab_links_lists_every_lesson_in_order():
+def test_colab_links_and_readme_list_every_lesson_in_order():
     assert (course.ROOT / "colab_links.md").read_text() == course.colab_links_markdown()
+    readme = (course.ROOT / "README.md").read_text()
+    assert readme == course.readme_with_lessons(readme), "run `python -m utils.course`"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_mode(path, tmp_path):
+def exercise_cells(nb) -> list:
+    """The cells a learner fills in: tagged "exercise" in their metadata."""
+    return [c for c in nb["cells"] if "exercise" in c["metadata"].get("tags", [])]
+
+
+def check_outputs(nb) -> list[str]:
+    """The printed text of every cell that grades an exercise (calls run_check)."""
+    return ["".join(o.get("text", "") for o in c["outputs"] if o["output_type"] == "stream")
+            for c in nb["cells"] if c["cell_type"] == "code" and "run_check(" in "".join(c["source"])]
+
+
+def execute_in_smoke_mode(nb, path: Path):
+    """Run a notebook top to bottom with LLAMA_SMOKE=1, in memory: the committed copy is never overwritten."""
     nbclient = pytest.importorskip("nbclient")
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(str(path), as_version=4)
     env = {"LLAMA_SMOKE": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(path.parent)}})
-        client.execute()  # executed in memory: the committed copy is never overwritten
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return nb
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode_with_its_exercises_unattempted(path):
+    nbformat = pytest.importorskip("nbformat")
+    nb = execute_in_smoke_mode(nbformat.read(str(path), as_version=4), path)
+    outputs = check_outputs(nb)
+    assert len(exercise_cells(nb)) >= 3 and len(outputs) >= len(exercise_cells(nb)), "at least three exercises"
+    assert all("not attempted yet" in text for text in outputs), outputs
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_solutions_pass_every_checker(path):
+    # every exercise cell replaced by the repository's solutions: each checker must print that it passed
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(str(path), as_version=4)
+    module = f"solutions.lesson_{path.stem[:2]}"
+    assert (course.ROOT / "solutions" / f"lesson_{path.stem[:2]}.py").exists(), f"no {module}"
+    for cell in exercise_cells(nb):
+        cell["source"] = f"from {module} import *  # the solutions"
+    outputs = check_outputs(execute_in_smoke_mode(nb, path))
+    assert outputs and all("passed" in text and "❌" not in text for text in outputs), outputs
+
+
+def run_setup_cell(cwd: Path, prelude: str, env_extra: dict | None = None):
+    code = prelude + "\n" + course.setup_cell_source() + "\nimport utils\nprint(utils.__file__)"
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_setup_cell_uses_the_courses_utils_even_if_another_was_imported_first(tmp_path):
+    (tmp_path / "utils").mkdir()
+    (tmp_path / "utils" / "__init__.py").write_text("NOT_THE_COURSE = True\n")
+    prelude = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import utils; assert utils.NOT_THE_COURSE"
+    r = run_setup_cell(course.ROOT / "notebooks", prelude)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(course.ROOT / "utils" / "__init__.py")
+
+
+def test_setup_cell_says_how_to_fix_a_failed_clone(tmp_path):
+    # Colab, no course folder, and a clone that fails (https forbidden here: nothing leaves the machine)
+    prelude = "import sys, types; sys.modules['google.colab'] = types.ModuleType('google.colab')"
+    r = run_setup_cell(tmp_path, prelude, {"GIT_ALLOW_PROTOCOL": "file"})
+    assert r.returncode == 1 and "could not clone" in r.stderr and "set REPO above" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

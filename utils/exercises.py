@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import traceback
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -41,7 +42,7 @@ class NotAttempted(AssertionError):
     """The candidate is still a stub: it raised NotImplementedError or returned None / `...`."""
 
 
-def run_check(checker, candidate) -> str:
+def run_check(checker: Callable, candidate) -> str:
     """Run checker(candidate); print and return "✅ passed", "⏳ not attempted yet" or "❌ " + why. Never raises."""
     try:
         checker(candidate)
@@ -158,7 +159,7 @@ def _difference(got, expected, labels=None) -> str:
 def _matches(got, wrong, close) -> bool:
     try:
         return close(got, wrong())
-    except Exception:  # a mistake that cannot happen at this shape
+    except (RuntimeError, IndexError, ValueError):  # a mistake that cannot happen at this shape
         return False
 
 
@@ -174,29 +175,40 @@ def _compare(got, expected, inputs: str, mistakes: dict | None = None, hint: str
     raise AssertionError(f"{_difference(got, expected, labels)} (input: {inputs}). {hint}".rstrip(". "))
 
 
+def _weights_problem(mine: nn.Module, ref: nn.Module) -> str | None:
+    """Why the reference's weights cannot be loaded into the candidate by name, or None if they can."""
+    want = {k: tuple(p.shape) for k, p in ref.named_parameters()}
+    have = {k: tuple(p.shape) for k, p in mine.named_parameters()}
+    fmt = lambda keys, shapes: ", ".join(f"{k} {shapes[k]}" for k in keys)
+    missing, extra = [k for k in want if k not in have], [k for k in have if k not in want]
+    if any(k.endswith(".bias") for k in extra):
+        return (f"has biases ({fmt(extra, have)}): LLaMA's linear layers have none, "
+                "use nn.Linear(in_features, out_features, bias=False)")
+    for k in missing:
+        try:
+            if torch.is_tensor(functools.reduce(getattr, k.split("."), mine)):
+                return f"has {k} as a plain tensor: wrap it in nn.Parameter(...) so that it is learned and saved"
+        except AttributeError:
+            pass
+    for k in (k for k in want if k in have and have[k] != want[k]):
+        flip = ": nn.Linear(in_features, out_features) stores its weight as (out, in)" * (have[k] == want[k][::-1])
+        return f"has {k} of shape {have[k]}, expected {want[k]}{flip}"
+    if extra:
+        return (f"has parameters not named like Meta's, so weights cannot load by name: missing "
+                f"{fmt(missing, want) or 'nothing'}; unexpected {fmt(extra, have)}; expected {fmt(want, want)}")
+    return f"is missing {fmt(missing, want)}: create it in __init__" if missing else None
+
+
 def _module(cls, args: dict, ref: nn.Module, probe: dict) -> nn.Module:
     """Build cls(*args) and load the reference's weights into it by name; say which names it expects."""
     mine = _call(cls, args)
     if not isinstance(mine, nn.Module):
         raise AssertionError(f"{_name(cls)} must subclass nn.Module: class {_name(cls)}(nn.Module)")
-    want = {k: tuple(p.shape) for k, p in ref.named_parameters()}
-    have = {k: tuple(p.shape) for k, p in mine.named_parameters()}
-    if not have:
+    if not any(True for _ in mine.parameters()):
         _call(mine, probe)  # an untouched stub stops here with NotAttempted
-    if have != want:
-        fmt = lambda d: ", ".join(f"{k} {s}" for k, s in d.items()) or "none"
-        biases = [k for k in have if k.endswith(".bias") and k not in want]
-        if biases:
-            raise AssertionError(f"{_name(cls)} has biases ({', '.join(biases)}): LLaMA's linear layers have "
-                                 "none, use nn.Linear(in_features, out_features, bias=False)")
-        bad = [k for k in want if k in have and have[k] != want[k]]
-        if bad:
-            k = bad[0]
-            flip = ": nn.Linear(in_features, out_features) stores its weight as (out, in)" * (have[k] == want[k][::-1])
-            raise AssertionError(f"{_name(cls)}.{k} has shape {have[k]}, expected {want[k]}{flip}")
-        missing = ", ".join(k for k in want if k not in have)
-        raise AssertionError(f"{_name(cls)}'s parameters differ{' (missing ' + missing + ')' if missing else ''}: "
-                             f"expected {fmt(want)} (Meta's names, so weights load by name), yours are {fmt(have)}")
+    problem = _weights_problem(mine, ref)
+    if problem:
+        raise AssertionError(f"{_name(cls)} {problem}")
     mine.load_state_dict(ref.state_dict(), strict=False)
     return mine.eval()
 
@@ -233,7 +245,7 @@ def _rope_mistakes(x, cos, sin) -> dict:
 
 
 @_seeded
-def check_rope(fn) -> None:
+def check_rope(fn: Callable) -> None:
     """fn(x (B, T, H, hd), cos (T, hd/2), sin (T, hd/2)) -> (B, T, H, hd): Meta's RoPE on adjacent pairs."""
     for B, T, H, hd in [(2, 4, 4, 8), (1, 5, 2, 16), (3, 1, 3, 4)]:
         x = torch.randn(B, T, H, hd)
@@ -258,7 +270,7 @@ def _frequency_mistakes(hd: int, theta: float) -> dict:
 
 
 @_seeded
-def check_rope_frequencies(fn) -> None:
+def check_rope_frequencies(fn: Callable) -> None:
     """fn(head_dim, theta) -> (head_dim // 2,): theta ** (-2i / head_dim) for i = 0 .. head_dim/2 - 1."""
     for hd, theta in [(8, 10000.0), (16, 500000.0), (6, 100.0)]:
         inputs = dict(head_dim=hd, theta=theta)
@@ -279,7 +291,7 @@ def _cos_sin_mistakes(hd: int, S: int, theta: float, cos, sin) -> dict:
 
 
 @_seeded
-def check_rope_cos_sin(fn) -> None:
+def check_rope_cos_sin(fn: Callable) -> None:
     """fn(head_dim, max_seq_len, theta) -> (cos, sin), each (max_seq_len, head_dim // 2): of position * freq."""
     for hd, S, theta in [(8, 6, 10000.0), (4, 3, 100.0)]:
         inputs = dict(head_dim=hd, max_seq_len=S, theta=theta)
@@ -290,8 +302,18 @@ def check_rope_cos_sin(fn) -> None:
                  labels=("cos", "sin"))
 
 
+def _permute_mistakes(w, n_heads: int) -> dict:
+    return {
+        "the other direction (Meta -> HF, permute_meta_to_hf): HF stores each head as its even rows, then "
+        "its odd rows; interleave the two halves back": partial(permute_meta_to_hf, w, n_heads),
+        "permuted the whole matrix as one head: permute within each head, w.view(n_heads, 2, head_dim // 2, "
+        "dim)": partial(permute_hf_to_meta, w, 1),
+        "returned w unchanged": partial(torch.clone, w),
+    }
+
+
 @_seeded
-def check_permute_hf_to_meta(fn) -> None:
+def check_permute_hf_to_meta(fn: Callable) -> None:
     """fn(w (n_heads * head_dim, dim), n_heads) -> w with each head's rows in Meta's adjacent-pair order."""
     hint = "within each head, HF's row j goes to row 2j and row j + head_dim/2 to row 2j + 1"
     for n_heads, hd, dim in [(2, 8, 6), (3, 4, 5), (1, 12, 3)]:
@@ -299,13 +321,8 @@ def check_permute_hf_to_meta(fn) -> None:
         inputs = dict(w=w, n_heads=n_heads)
         got = _call(fn, inputs, hint)
         order = torch.arange(hd).view(2, hd // 2).T.flatten()  # 0, hd/2, 1, hd/2 + 1, ...
-        _compare(got, permute_hf_to_meta(w, n_heads), _describe(inputs), {
-            "the other direction (Meta -> HF, permute_meta_to_hf): HF stores each head as its even rows, then "
-            "its odd rows; interleave the two halves back": partial(permute_meta_to_hf, w, n_heads),
-            "permuted the whole matrix as one head: permute within each head, w.view(n_heads, 2, head_dim // 2, "
-            "dim)": partial(permute_hf_to_meta, w, 1),
-            "returned w unchanged": partial(torch.clone, w),
-        }, hint, also=w.view(n_heads, hd, dim)[:, order].reshape(-1, dim))
+        _compare(got, permute_hf_to_meta(w, n_heads), _describe(inputs), _permute_mistakes(w, n_heads), hint,
+                 also=w.view(n_heads, hd, dim)[:, order].reshape(-1, dim))
 
 
 # ---- lesson 2: grouped-query attention -------------------------------------------------------------
@@ -314,19 +331,25 @@ TILED = ("looks like K/V heads tiled instead of grouped: query head h must read 
          "(x.repeat(1, n_rep, 1, 1) gives h % n_kv_heads); use x[:, :, None].expand(...) or repeat_interleave")
 
 
+def _repeat_kv_mistakes(x, n_rep: int) -> dict:
+    return {
+        TILED: partial(x.repeat, 1, n_rep, 1, 1),
+        "repeated along the sequence (dim 2): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 2),
+        "repeated along the batch (dim 0): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 0),
+        "repeated along head_dim (dim 3): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 3),
+        "returned x unchanged: n_rep ignored": partial(torch.clone, x),
+    }
+
+
 @_seeded
-def check_repeat_kv(fn) -> None:
+def check_repeat_kv(fn: Callable) -> None:
     """fn(x (B, n_kv_heads, S, hd), n_rep) -> (B, n_kv_heads * n_rep, S, hd), each K/V head n_rep times in a row."""
     for shape, n_rep in [((2, 2, 3, 4), 3), ((1, 3, 2, 2), 2), ((2, 4, 5, 8), 1)]:
         x = torch.randn(shape)
         inputs = dict(x=x, n_rep=n_rep)
-        _compare(_call(fn, inputs), repeat_kv(x, n_rep), _describe(inputs), {
-            TILED: partial(x.repeat, 1, n_rep, 1, 1),
-            "repeated along the sequence (dim 2): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 2),
-            "repeated along the batch (dim 0): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 0),
-            "repeated along head_dim (dim 3): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 3),
-            "returned x unchanged: n_rep ignored": partial(torch.clone, x),
-        }, "query heads h * n_rep .. h * n_rep + n_rep - 1 all read K/V head h", also=x.repeat_interleave(n_rep, 1))
+        _compare(_call(fn, inputs), repeat_kv(x, n_rep), _describe(inputs), _repeat_kv_mistakes(x, n_rep),
+                 "query heads h * n_rep .. h * n_rep + n_rep - 1 all read K/V head h",
+                 also=x.repeat_interleave(n_rep, 1))
 
 
 def _mask_mistakes(q_len: int, kv_len: int) -> dict:
@@ -343,9 +366,9 @@ def _mask_mistakes(q_len: int, kv_len: int) -> dict:
 
 
 @_seeded
-def check_causal_mask(fn) -> None:
+def check_causal_mask(fn: Callable) -> None:
     """fn(q_len, kv_len) -> bool (q_len, kv_len), True where query i may attend to key j: j <= i + kv_len - q_len."""
-    for q_len, kv_len in [(4, 4), (2, 5), (1, 6), (3, 7)]:
+    for q_len, kv_len in [(2, 5), (4, 4), (1, 6), (3, 7)]:  # q_len < kv_len first: the alignments differ
         inputs = dict(q_len=q_len, kv_len=kv_len)
         got = _call(fn, inputs)
         if torch.is_tensor(got) and got.dtype != torch.bool and got.shape == (q_len, kv_len):
@@ -406,7 +429,7 @@ ATTENTION_HINT = ("check the steps: view as (B, T, heads, head_dim), RoPE on q a
 
 
 @_seeded
-def check_attention(cls) -> None:
+def check_attention(cls: type) -> None:
     """cls(dim, n_heads, n_kv_heads); forward(x (B, T, dim), cos, sin, start_pos=0) -> (B, T, dim), no cache."""
     for dim, n_heads, n_kv_heads, B, T in [(32, 4, 2, 2, 5), (24, 3, 1, 1, 4), (16, 2, 2, 2, 3)]:
         args = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
@@ -454,7 +477,7 @@ def _cache_mistakes(history: list, ref: KVCache, expected: tuple) -> dict:
 
 
 @_seeded
-def check_kv_cache(cls) -> None:
+def check_kv_cache(cls: type) -> None:
     """cls(batch_size, n_kv_heads, max_seq_len, head_dim); update(start_pos, xk, xv (B, n_kv_heads, T, hd))
     -> (keys, values) of every position so far, each (B, n_kv_heads, start_pos + T, hd)."""
     args = dict(batch_size=2, n_kv_heads=2, max_seq_len=8, head_dim=4)
@@ -505,7 +528,7 @@ def _swiglu_mistakes(cases: list) -> dict:
 
 
 @_seeded
-def check_swiglu_hidden_dim(fn) -> None:
+def check_swiglu_hidden_dim(fn: Callable) -> None:
     """fn(dim, multiple_of, ffn_dim_multiplier) -> int: int(2 * 4 * dim / 3), times the multiplier, rounded up."""
     cases = [(4096, 256, None), (100, 64, None), (8192, 4096, 1.3), (40, 32, 1.5), (5120, 256, None)]
     got = []
@@ -536,7 +559,7 @@ def _feed_forward_mistakes(m: FeedForward, x) -> dict:
 
 
 @_seeded
-def check_feed_forward(cls) -> None:
+def check_feed_forward(cls: type) -> None:
     """cls(dim, hidden_dim); forward(x (..., dim)) -> (..., dim) = w2(silu(w1(x)) * w3(x))."""
     for dim, hidden_dim, shape in [(16, 24, (2, 3, 16)), (8, 32, (5, 8))]:
         args, inputs = dict(dim=dim, hidden_dim=hidden_dim), dict(x=torch.randn(shape))
@@ -560,8 +583,6 @@ def _rmsnorm_mistakes(x, w, eps: float) -> dict:
         "weight not applied: multiply by self.weight (the learned gain)": lambda: x * torch.rsqrt(ms + eps),
         "divided by the L2 norm, not the RMS: take the mean of x², not the sum":
             lambda: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w,
-        "divided by the L2 norm (x.norm), not the RMS: sqrt(mean(x²) + eps)":
-            lambda: x / x.norm(dim=-1, keepdim=True) * w,
         "multiplied by the RMS instead of dividing by it: x * rsqrt(mean(x²) + eps)":
             lambda: x * (ms + eps).sqrt() * w,
         "mean over all elements, not per token: .mean(-1, keepdim=True)":
@@ -572,7 +593,7 @@ def _rmsnorm_mistakes(x, w, eps: float) -> dict:
 
 
 @_seeded
-def check_rmsnorm(cls) -> None:
+def check_rmsnorm(cls: type) -> None:
     """cls(dim, eps); forward(x (..., dim)) -> x / sqrt(mean(x^2 over the last dim) + eps) * weight."""
     for dim, eps, shape, scale in [(8, 1e-5, (2, 3, 8), 3.0), (16, 0.1, (4, 16), 0.2)]:
         ref, torch_ref = RMSNorm(dim, eps), nn.RMSNorm(dim, eps)
@@ -622,7 +643,7 @@ def _block_mistakes(m: TransformerBlock, x, cos, sin) -> dict:
 
 
 @_seeded
-def check_block(cls) -> None:
+def check_block(cls: type) -> None:
     """cls(config); forward(x (B, T, dim), cos, sin, start_pos=0) -> (B, T, dim), pre-norm with residuals."""
     config = LlamaConfig(vocab_size=32, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=16)
     ref = TransformerBlock(config).eval()
@@ -661,22 +682,23 @@ def _sampling_probs(logits, temperature, top_k, top_p, keep_crossing=True, sort=
 
 
 def _sampling_mistakes(logits, temperature, top_k, top_p) -> dict:
-    p = partial(_sampling_probs, logits, temperature, top_k, top_p)
+    p = partial(_sampling_probs, logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return {
         "temperature has no effect: divide the logits by it before the softmax (dividing the probabilities "
         "changes nothing, torch.multinomial renormalises them)": partial(p, temperature=1.0),
         "logits multiplied by the temperature: divide them (a higher temperature flattens the distribution)":
             partial(p, temperature=1 / temperature),
+        # equals the reference unless both top_k and top_p are given, so it shadows nothing before that case
+        "top_p applied before top_k (it then has no effect once top_k has cut): apply top_k first, then top_p to "
+        "the renormalised probabilities": partial(p, p_first=True),
         "top_k ignored: keep only the k most likely tokens (set the others to -inf)": partial(p, top_k=None),
-        "top_k keeps one token too many": lambda: p(top_k=top_k + 1),
-        "top_k keeps one token too few": lambda: p(top_k=top_k - 1),
+        "top_k keeps one token too many": partial(p, top_k=top_k and top_k + 1),
+        "top_k keeps one token too few": partial(p, top_k=top_k and top_k - 1),
         "top_p ignored: keep the most likely tokens until their mass reaches top_p": partial(p, top_p=None),
         "top_p dropped the token that crosses the threshold: keep the smallest set whose mass reaches top_p "
         "(drop a token only if the mass before it already does)": partial(p, keep_crossing=False),
         "top_p summed the probabilities unsorted: sort them in descending order before the cumsum":
             partial(p, sort=False),
-        "top_p applied before top_k: apply top_k first, then top_p to the renormalised probabilities":
-            partial(p, p_first=True),
     }
 
 
@@ -696,26 +718,30 @@ def _token_frequencies(tokens, n: int, V: int, desc: str) -> torch.Tensor:
     return torch.stack([torch.bincount(t, minlength=V) / n for t in tokens.long().view(2, n)]).double()
 
 
+def _rounded(t: torch.Tensor) -> list:
+    return [[round(v, 3) for v in row] for row in t.tolist()]
+
+
 GREEDY = "temperature 0 means greedy: return logits.argmax(dim=-1) before dividing by the temperature"
 _PROBS = torch.tensor([[0.06, 0.30, 0.02, 0.16, 0.22, 0.09, 0.12, 0.03],   # two rows, the same values shuffled,
                        [0.22, 0.03, 0.12, 0.30, 0.06, 0.16, 0.02, 0.09]])  # so each row must be handled alone
 
 
 @_seeded
-def check_sample_next(fn) -> None:
+def check_sample_next(fn: Callable) -> None:
     """fn(logits (B, vocab), temperature, top_k, top_p, generator) -> (B,) token ids; temperature 0 is greedy."""
     n, V = 20000, _PROBS.shape[1]
     logits = _PROBS.log() + torch.tensor([[1.0], [-2.0]])  # log-probabilities up to a constant per row
+    # the last case keeps 2 tokens: top_k cuts to 3, top_p to 2 of those (4 of the full distribution)
     for temperature, top_k, top_p in [(1.0, None, None), (0.5, None, None), (1.0, 3, None), (1.0, None, 0.75),
-                                      (1.5, 5, 0.8)]:
+                                      (1.0, 3, 0.72)]:
         inputs = dict(logits=logits.repeat_interleave(n, 0), temperature=temperature, top_k=top_k, top_p=top_p,
                       generator=torch.Generator().manual_seed(0))
         desc = _describe(inputs) + f" (2 rows of logits, each repeated {n} times)"
         tokens = _call(fn, inputs)
         freq, p = _token_frequencies(tokens, n, V, desc), _sampling_probs(logits, temperature, top_k, top_p)
         _compare(freq, p, desc, _sampling_mistakes(logits, temperature, top_k, top_p),
-                 f"expected probabilities {p.float().numpy().round(3).tolist()}, your frequencies "
-                 f"{freq.float().numpy().round(3).tolist()}", close=_same_distribution)
+                 f"expected probabilities {_rounded(p)}, your frequencies {_rounded(freq)}", close=_same_distribution)
         inputs["generator"] = torch.Generator().manual_seed(0)
         if top_k is None and top_p is None and not torch.equal(_call(fn, inputs), tokens):
             raise AssertionError("the same generator seed gave different tokens: pass generator=generator to "
@@ -723,6 +749,93 @@ def check_sample_next(fn) -> None:
     logits = torch.randn(4, 10)
     inputs = dict(logits=logits, temperature=0.0, top_k=3, top_p=0.9, generator=torch.Generator().manual_seed(0))
     _compare(_call(fn, inputs, GREEDY), logits.argmax(-1), _describe(inputs), hint=GREEDY)
+
+
+# ---- lesson 03: the attention forward that uses the cache -----------------------------------------
+
+CACHED_CHUNKS = [(0, 3), (3, 1), (4, 1), (5, 3)]  # (start_pos, T): prefill, two decode steps, a chunk
+CACHED_ATTENTION_HINT = (
+    "with a cache: RoPE on the new q and k (cos/sin are already those of positions start_pos ..), transpose to "
+    "(B, heads, T, head_dim), k, v = self.cache.update(start_pos, k, v) (before repeat_kv: the cache holds "
+    "n_kv_heads heads), then attend over all S = start_pos + T keys with causal_mask(T, S)")
+
+
+def _cached_attention(m: Attention, x, cos, sin, mask="bottom-right", cache=True) -> list:
+    """Textbook GQA with the weights of m, x (B, S, dim) fed in CACHED_CHUNKS through a growing store of
+    rotated keys/values, with knobs for the usual mistakes: the output (B, T, dim) of each chunk."""
+    B, hd, n_rep = x.shape[0], m.head_dim, m.n_heads // m.n_kv_heads
+    keys = values = x.new_zeros(B, m.n_kv_heads, 0, hd)
+    outputs = []
+    for start, T in CACHED_CHUNKS:
+        xc, c, s = x[:, start:start + T], cos[start:start + T], sin[start:start + T]
+        q, k, v = (w(xc).view(B, T, -1, hd) for w in (m.wq, m.wk, m.wv))
+        q, k, v = (t.transpose(1, 2) for t in (apply_rotary_emb(q, c, s), apply_rotary_emb(k, c, s), v))
+        keys, values = (torch.cat([old[:, :, :start], new], 2) for old, new in ((keys, k), (values, v)))
+        kk, vv = (keys, values) if cache else (k, v)  # (B, n_kv_heads, S, hd)
+        S = kk.shape[2]
+        allowed = {"bottom-right": causal_mask(T, S), "top-left": torch.ones(T, S, dtype=torch.bool).tril(),
+                   "none": torch.ones(T, S, dtype=torch.bool)}[mask]
+        scores = q @ kk.repeat_interleave(n_rep, 1).transpose(-2, -1) * hd ** -0.5  # (B, H, T, S)
+        y = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv.repeat_interleave(n_rep, 1)
+        outputs.append(m.wo(y.transpose(1, 2).reshape(B, T, -1)))
+    return outputs
+
+
+def _cached_attention_mistakes(m: Attention, x, cos, sin) -> dict:
+    """{message: outputs of each chunk}: what the usual wrong forwards return, chunk by chunk."""
+    return {
+        "attended only over the new tokens, not over the cached ones: k, v = self.cache.update(start_pos, k, v) "
+        "returns the keys and values of every position so far; attend over what it returns (and write at "
+        "start_pos, not 0)": _cached_attention(m, x, cos, sin, cache=False),
+        "masked top-left (is_causal=True) although the cache holds earlier tokens: new token i sits at position "
+        "start_pos + i and may see keys 0 .. start_pos + i (a single new token sees every key); use the "
+        "bottom-right causal_mask(T, start_pos + T)": _cached_attention(m, x, cos, sin, mask="top-left"),
+        "no causal mask with the cache: a prompt or chunk of several new tokens must not see the later ones; mask "
+        "with causal_mask(T, start_pos + T) (only a single new token may see every key)":
+            _cached_attention(m, x, cos, sin, mask="none"),
+    }
+
+
+def _chunk(x, cos, sin, start: int, T: int) -> dict:
+    """The forward inputs for positions start .. start + T - 1 of x (B, S, dim) and the tables (S, hd/2)."""
+    return dict(x=x[:, start:start + T], cos=cos[start:start + T], sin=sin[start:start + T], start_pos=start)
+
+
+@_seeded
+def check_cached_attention(cls: type) -> None:
+    """cls(dim, n_heads, n_kv_heads) with self.cache (None, or a KVCache the caller installs); forward(x (B, T, dim),
+    cos, sin (T, head_dim/2) of positions start_pos .. start_pos + T - 1, start_pos) -> (B, T, dim).
+
+    First without a cache (as check_attention), then with one: a 3-token prompt, two decode steps and a 3-token
+    chunk, each output compared with attention over the whole sequence at once."""
+    try:
+        check_attention.__wrapped__(cls)
+    except NotAttempted:
+        raise
+    except AssertionError as e:
+        raise AssertionError(f"without a cache (self.cache is None): {e}") from None
+    S = sum(CACHED_CHUNKS[-1])
+    for dim, n_heads, n_kv_heads, B in [(32, 4, 2, 2), (24, 3, 1, 1)]:
+        args, hd = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads), dim // n_heads
+        ref = Attention(dim, n_heads, n_kv_heads).eval()
+        x = torch.randn(B, S, dim)
+        cos, sin = rope_cos_sin(hd, S)
+        mine = _module(cls, args, ref, _chunk(x, cos, sin, 0, 3))
+        mine.cache, ref.cache = KVCache(B, n_kv_heads, S + 2, hd), KVCache(B, n_kv_heads, S + 2, hd)
+        whole = _attention(ref, x, cos, sin)  # (B, S, dim): every position at once, no cache
+        mistakes = _cached_attention_mistakes(ref, x, cos, sin)
+        for i, (start, T) in enumerate(CACHED_CHUNKS):
+            inputs = _chunk(x, cos, sin, start, T)
+            got = _call(mine, inputs, CACHED_ATTENTION_HINT)
+            held = f"the cache holding positions 0 .. {start - 1}" if start else "an empty cache"
+            desc = f"{_describe(args | inputs)}, {held}"
+            _compare(got, ref(*inputs.values()), desc, {m: partial(o.__getitem__, i) for m, o in mistakes.items()},
+                     CACHED_ATTENTION_HINT, also=whole[:, start:start + T])
+        cached = getattr(getattr(mine, "cache", None), "k", None)
+        if not (torch.is_tensor(cached) and _close(cached[:, :, :S], ref.cache.k[:, :, :S])):
+            raise AssertionError("right outputs, but self.cache does not hold the keys: store them there with "
+                                 "k, v = self.cache.update(start_pos, k, v) (rotated keys, (B, n_kv_heads, T, "
+                                 f"head_dim)), not in a cache of your own (input: {_describe(args)})")
 
 
 # ---- lesson 06: training and generation ------------------------------------------------------------
