@@ -1,0 +1,749 @@
+"""Exercise checkers: run a learner's version of a lesson's key function and name the likely mistake.
+
+Each `check_*` takes a candidate (a function, or a class with the same signature and parameter names
+as the `utils` version), runs it on small seeded inputs of several shapes against the `utils`
+reference (and an independent one where there is one), and returns None when it agrees. Otherwise it
+raises AssertionError saying what is wrong: it computes what the usual wrong versions (rotate-half
+RoPE, tiled K/V heads, LayerNorm instead of RMSNorm, ...) would have returned and names the one the
+candidate matches. A stub (raises NotImplementedError, returns None or `...`) raises `NotAttempted`.
+
+Notebooks call `run_check(check_rope, my_rope)`: it prints and returns "✅ passed", "⏳ not attempted
+yet" or "❌ <what is wrong>" and never raises, so an exercise never stops a notebook.
+"""
+
+import functools
+import os
+import traceback
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, KVCache, causal_mask, repeat_kv
+from .feedforward import FeedForward, swiglu_hidden_dim
+from .model import LlamaConfig, TransformerBlock
+from .norm import RMSNorm
+from .rope import (
+    apply_rotary_emb,
+    apply_rotary_emb_complex,
+    apply_rotary_emb_hf,
+    permute_hf_to_meta,
+    permute_meta_to_hf,
+    rope_cos_sin,
+    rope_frequencies,
+)
+
+
+class NotAttempted(AssertionError):
+    """The candidate is still a stub: it raised NotImplementedError or returned None / `...`."""
+
+
+def run_check(checker: Callable, candidate) -> str:
+    """Run checker(candidate); print and return "✅ passed", "⏳ not attempted yet" or "❌ " + why. Never raises."""
+    try:
+        checker(candidate)
+        result = "✅ passed"
+    except NotAttempted:
+        result = "⏳ not attempted yet"
+    except AssertionError as e:
+        result = f"❌ {e}"
+    except Exception as e:  # a bug in a checker must not stop the notebook either
+        result = f"❌ the checker itself failed ({type(e).__name__}: {e}); please report it"
+    print(result)
+    return result
+
+
+# ---- shared helpers: call the candidate safely, compare and diagnose ------------------------------
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _seeded(checker):
+    """Run the checker seeded and without autograd, leaving the caller's random state as it was."""
+    @functools.wraps(checker)
+    def run(candidate) -> None:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            return checker(candidate)
+    return run
+
+
+def _name(fn) -> str:
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return qualname.split(".<locals>.")[-1]
+
+
+def _describe(inputs: dict) -> str:
+    """'x (2, 5, 4, 8), n_rep=3': tensors by shape, numbers by value, anything else by type."""
+    def one(k, v):
+        if torch.is_tensor(v):
+            return f"{k} {tuple(v.shape)}"
+        return f"{k}={v!r}" if v is None or isinstance(v, (int, float, str)) else f"{k}={type(v).__name__}"
+    return ", ".join(one(k, v) for k, v in inputs.items())
+
+
+def _where(exc: BaseException) -> str:
+    """' at line 12: `q = ...`', the deepest frame of the learner's code in the traceback ('' if none)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f.filename != __file__ and not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at line {f.lineno}: `{f.line}`" if f.line else f" at line {f.lineno}"
+
+
+def _call(fn, inputs: dict, hint: str = ""):
+    """fn(*inputs.values()); a stub raises NotAttempted, a crash or a changed input an AssertionError."""
+    saved = {k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)}
+    try:
+        out = fn(*inputs.values())
+    except Exception as e:
+        raised_at = traceback.extract_tb(e.__traceback__)[-1].line or "NotImplementedError"
+        if isinstance(e, NotImplementedError) and "NotImplementedError" in raised_at:
+            raise NotAttempted(f"{_name(fn)} is not attempted yet: it raises NotImplementedError") from None
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise AssertionError(f"{_name(fn)} raised {type(e).__name__}: {msg}{_where(e)} "
+                             f"(input: {_describe(inputs)}). {hint}".rstrip(". ")) from None
+    if out is None or out is Ellipsis:
+        raise NotAttempted(f"{_name(fn)} returned {out!r}: not attempted yet (or is a `return` missing?)")
+    for k, v in saved.items():
+        if not torch.equal(v, inputs[k]):
+            raise AssertionError(f"{_name(fn)} changed its input {k} in place: compute a new tensor instead "
+                                 f"(y = x * c, not x *= c or x[...] = ...)")
+    return out
+
+
+def _close(got, expected, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
+    """Same type and shape and allclose; tuples element by element, bool tensors exactly, numbers by ==."""
+    if isinstance(expected, tuple):
+        return (isinstance(got, (tuple, list)) and len(got) == len(expected)
+                and all(_close(g, e, atol, rtol) for g, e in zip(got, expected)))
+    if torch.is_tensor(expected):
+        if not torch.is_tensor(got) or got.shape != expected.shape or got.is_complex():
+            return False
+        if expected.dtype == torch.bool:
+            return got.dtype == torch.bool and torch.equal(got, expected)
+        return torch.allclose(got.double(), expected.double(), rtol=rtol, atol=atol)
+    return not torch.is_tensor(got) and got == expected
+
+
+def _difference(got, expected, labels=None) -> str:
+    """Say how got differs from expected: type, shape (with a hint), NaN, or the largest error."""
+    if isinstance(expected, tuple):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            names = f" ({', '.join(labels)})" if labels else ""
+            return f"expected a tuple of {len(expected)}{names}, got {type(got).__name__}"
+        i = next(i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e))
+        return f"{labels[i] if labels else f'element {i}'}: {_difference(got[i], expected[i])}"
+    if not torch.is_tensor(expected):
+        return f"expected {expected!r}, got {got!r}"
+    if not torch.is_tensor(got):
+        return f"expected a tensor, got {type(got).__name__}"
+    g, e = tuple(got.shape), tuple(expected.shape)
+    if g != e:
+        hint = (": same sizes in another order, did you forget to transpose back?" if sorted(g) == sorted(e) else
+                ": same number of elements, is a reshape or a squeeze wrong?" if got.numel() == expected.numel()
+                else "")
+        return f"expected shape {e}, got {g}{hint}"
+    if got.is_complex():
+        return "returned complex numbers: turn them back into real pairs (torch.view_as_real(...).flatten(-2))"
+    if not torch.isfinite(got.double()).all():
+        return "the output contains NaN or inf"
+    return f"differs from the reference by up to {(got.double() - expected.double()).abs().max().item():.3g}"
+
+
+def _matches(got, wrong, close) -> bool:
+    try:
+        return close(got, wrong())
+    except (RuntimeError, IndexError, ValueError):  # a mistake that cannot happen at this shape
+        return False
+
+
+def _compare(got, expected, inputs: str, mistakes: dict | None = None, hint: str = "", also=None,
+             close=_close, labels=None) -> None:
+    """Return if got matches expected (and `also`, an independent reference); else raise AssertionError
+    naming the first known mistake {message: what it would return} that got matches."""
+    if close(got, expected) and (also is None or close(got, also)):
+        return
+    for message, wrong in (mistakes or {}).items():
+        if _matches(got, wrong, close):
+            raise AssertionError(f"{message} (input: {inputs})")
+    raise AssertionError(f"{_difference(got, expected, labels)} (input: {inputs}). {hint}".rstrip(". "))
+
+
+def _weights_problem(mine: nn.Module, ref: nn.Module) -> str | None:
+    """Why the reference's weights cannot be loaded into the candidate by name, or None if they can."""
+    want = {k: tuple(p.shape) for k, p in ref.named_parameters()}
+    have = {k: tuple(p.shape) for k, p in mine.named_parameters()}
+    fmt = lambda keys, shapes: ", ".join(f"{k} {shapes[k]}" for k in keys)
+    missing, extra = [k for k in want if k not in have], [k for k in have if k not in want]
+    if any(k.endswith(".bias") for k in extra):
+        return (f"has biases ({fmt(extra, have)}): LLaMA's linear layers have none, "
+                "use nn.Linear(in_features, out_features, bias=False)")
+    for k in missing:
+        try:
+            if torch.is_tensor(functools.reduce(getattr, k.split("."), mine)):
+                return f"has {k} as a plain tensor: wrap it in nn.Parameter(...) so that it is learned and saved"
+        except AttributeError:
+            pass
+    for k in (k for k in want if k in have and have[k] != want[k]):
+        flip = ": nn.Linear(in_features, out_features) stores its weight as (out, in)" * (have[k] == want[k][::-1])
+        return f"has {k} of shape {have[k]}, expected {want[k]}{flip}"
+    if extra:
+        return (f"has parameters not named like Meta's, so weights cannot load by name: missing "
+                f"{fmt(missing, want) or 'nothing'}; unexpected {fmt(extra, have)}; expected {fmt(want, want)}")
+    return f"is missing {fmt(missing, want)}: create it in __init__" if missing else None
+
+
+def _module(cls, args: dict, ref: nn.Module, probe: dict) -> nn.Module:
+    """Build cls(*args) and load the reference's weights into it by name; say which names it expects."""
+    mine = _call(cls, args)
+    if not isinstance(mine, nn.Module):
+        raise AssertionError(f"{_name(cls)} must subclass nn.Module: class {_name(cls)}(nn.Module)")
+    if not any(True for _ in mine.parameters()):
+        _call(mine, probe)  # an untouched stub stops here with NotAttempted
+    problem = _weights_problem(mine, ref)
+    if problem:
+        raise AssertionError(f"{_name(cls)} {problem}")
+    mine.load_state_dict(ref.state_dict(), strict=False)
+    return mine.eval()
+
+
+# ---- lesson 1: RoPE --------------------------------------------------------------------------------
+
+ROTATE_HALF = ("looks like the rotate-half (Hugging Face) layout: you paired dim i with dim i + head_dim/2; "
+               "Meta pairs adjacent dims 2i and 2i+1 (x[..., 0::2], x[..., 1::2])")
+ROPE_HINT = ("Rotate each adjacent pair: (x[2i], x[2i+1]) -> (x0 cos - x1 sin, x0 sin + x1 cos), "
+             "with cos/sin broadcast as cos[None, :, None, :] (positions on dim 1 of x)")
+
+
+def _rope(x, c, s, pairs="adjacent", write="interleaved"):
+    """Textbook RoPE with knobs for the usual mistakes; c, s broadcast against (B, T, H, hd/2)."""
+    a, b = (x[..., 0::2], x[..., 1::2]) if pairs == "adjacent" else x.chunk(2, dim=-1)
+    ra, rb = a * c - b * s, a * s + b * c
+    return torch.stack((ra, rb), dim=-1).flatten(-2) if write == "interleaved" else torch.cat((ra, rb), dim=-1)
+
+
+def _rope_mistakes(x, cos, sin) -> dict:
+    c, s = cos[None, :, None], sin[None, :, None]  # (1, T, 1, hd/2)
+    return {
+        ROTATE_HALF: lambda: _rope(x, c, s, "halves", "halves"),
+        ROTATE_HALF + ", and the sin terms have the wrong sign": lambda: _rope(x, c, -s, "halves", "halves"),
+        "rotates the wrong way (sign of the sin terms): (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)":
+            lambda: _rope(x, c, -s),
+        "cos and sin swapped": lambda: _rope(x, s, c),
+        "right pairs, but the results are written back as two halves (torch.cat): interleave them, "
+        "torch.stack((out0, out1), dim=-1).flatten(-2)": lambda: _rope(x, c, s, write="halves"),
+        "cos/sin broadcast against the heads: (T, hd/2) lines up with (H, hd/2) of x (B, T, H, hd/2); "
+        "use cos[None, :, None, :]": lambda: _rope(x, cos, sin),
+        "returned x unchanged: no rotation applied": lambda: x,
+    }
+
+
+@_seeded
+def check_rope(fn: Callable) -> None:
+    """fn(x (B, T, H, hd), cos (T, hd/2), sin (T, hd/2)) -> (B, T, H, hd): Meta's RoPE on adjacent pairs."""
+    for B, T, H, hd in [(2, 4, 4, 8), (1, 5, 2, 16), (3, 1, 3, 4)]:
+        x = torch.randn(B, T, H, hd)
+        cos, sin = (t[3:] for t in rope_cos_sin(hd, 3 + T))  # positions 3.. so that no row is the identity
+        inputs = dict(x=x, cos=cos, sin=sin)
+        got = _call(fn, inputs, ROPE_HINT)
+        _compare(got, apply_rotary_emb(x, cos, sin), _describe(inputs), _rope_mistakes(x, cos, sin), ROPE_HINT,
+                 also=apply_rotary_emb_complex(x, torch.complex(cos, sin)))
+
+
+def _frequency_mistakes(hd: int, theta: float) -> dict:
+    i = torch.arange(hd // 2, dtype=torch.float64)
+    return {
+        "exponent -i/head_dim: step i by 2, torch.arange(0, head_dim, 2) / head_dim": lambda: theta ** (-i / hd),
+        "frequencies grow with i: it is 1 / theta ** (2i / head_dim), not theta ** (2i / head_dim)":
+            lambda: theta ** (2 * i / hd),
+        "off by one: i starts at 0, so the first pair has frequency 1": lambda: theta ** (-2 * (i + 1) / hd),
+        "the last exponent is 1 (linspace): it is (head_dim - 2) / head_dim, torch.arange(0, head_dim, 2) / "
+        "head_dim": lambda: theta ** -torch.linspace(0, 1, hd // 2, dtype=torch.float64),
+        "theta ignored (always 10000): use the argument (Llama 3 uses 500000)": lambda: 10000.0 ** (-2 * i / hd),
+    }
+
+
+@_seeded
+def check_rope_frequencies(fn: Callable) -> None:
+    """fn(head_dim, theta) -> (head_dim // 2,): theta ** (-2i / head_dim) for i = 0 .. head_dim/2 - 1."""
+    for hd, theta in [(8, 10000.0), (16, 500000.0), (6, 100.0)]:
+        inputs = dict(head_dim=hd, theta=theta)
+        _compare(_call(fn, inputs), rope_frequencies(hd, theta), _describe(inputs), _frequency_mistakes(hd, theta),
+                 "freqs[i] = 1 / theta ** (2i / head_dim), one per pair of dims: head_dim // 2 values")
+
+
+def _cos_sin_mistakes(hd: int, S: int, theta: float, cos, sin) -> dict:
+    angles = torch.outer(torch.arange(1, S + 1, dtype=torch.float64), rope_frequencies(hd, theta))  # from 1
+    return {
+        "off by one: positions start at 0 (angle 0: cos 1, sin 0), torch.arange(max_seq_len)":
+            lambda: (angles.cos(), angles.sin()),
+        "returned (sin, cos): return (cos, sin)": lambda: (sin, cos),
+        "tables are (head_dim/2, max_seq_len): angles = torch.outer(positions, freqs)": lambda: (cos.T, sin.T),
+        "Hugging Face's (max_seq_len, head_dim) tables (frequencies repeated for rotate-half): Meta's layout "
+        "wants (max_seq_len, head_dim // 2)": lambda: (torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)),
+    }
+
+
+@_seeded
+def check_rope_cos_sin(fn: Callable) -> None:
+    """fn(head_dim, max_seq_len, theta) -> (cos, sin), each (max_seq_len, head_dim // 2): of position * freq."""
+    for hd, S, theta in [(8, 6, 10000.0), (4, 3, 100.0)]:
+        inputs = dict(head_dim=hd, max_seq_len=S, theta=theta)
+        got = _call(fn, inputs)
+        cos, sin = rope_cos_sin(hd, S, theta)
+        _compare(got, (cos, sin), _describe(inputs), _cos_sin_mistakes(hd, S, theta, cos, sin),
+                 "angles = torch.outer(torch.arange(max_seq_len), rope_frequencies(head_dim, theta))",
+                 labels=("cos", "sin"))
+
+
+def _permute_mistakes(w, n_heads: int) -> dict:
+    return {
+        "the other direction (Meta -> HF, permute_meta_to_hf): HF stores each head as its even rows, then "
+        "its odd rows; interleave the two halves back": partial(permute_meta_to_hf, w, n_heads),
+        "permuted the whole matrix as one head: permute within each head, w.view(n_heads, 2, head_dim // 2, "
+        "dim)": partial(permute_hf_to_meta, w, 1),
+        "returned w unchanged": partial(torch.clone, w),
+    }
+
+
+@_seeded
+def check_permute_hf_to_meta(fn: Callable) -> None:
+    """fn(w (n_heads * head_dim, dim), n_heads) -> w with each head's rows in Meta's adjacent-pair order."""
+    hint = "within each head, HF's row j goes to row 2j and row j + head_dim/2 to row 2j + 1"
+    for n_heads, hd, dim in [(2, 8, 6), (3, 4, 5), (1, 12, 3)]:
+        w = torch.randn(n_heads * hd, dim)
+        inputs = dict(w=w, n_heads=n_heads)
+        got = _call(fn, inputs, hint)
+        order = torch.arange(hd).view(2, hd // 2).T.flatten()  # 0, hd/2, 1, hd/2 + 1, ...
+        _compare(got, permute_hf_to_meta(w, n_heads), _describe(inputs), _permute_mistakes(w, n_heads), hint,
+                 also=w.view(n_heads, hd, dim)[:, order].reshape(-1, dim))
+
+
+# ---- lesson 2: grouped-query attention -------------------------------------------------------------
+
+TILED = ("looks like K/V heads tiled instead of grouped: query head h must read K/V head h // n_rep "
+         "(x.repeat(1, n_rep, 1, 1) gives h % n_kv_heads); use x[:, :, None].expand(...) or repeat_interleave")
+
+
+def _repeat_kv_mistakes(x, n_rep: int) -> dict:
+    return {
+        TILED: partial(x.repeat, 1, n_rep, 1, 1),
+        "repeated along the sequence (dim 2): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 2),
+        "repeated along the batch (dim 0): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 0),
+        "repeated along head_dim (dim 3): repeat the heads, dim 1": partial(x.repeat_interleave, n_rep, 3),
+        "returned x unchanged: n_rep ignored": partial(torch.clone, x),
+    }
+
+
+@_seeded
+def check_repeat_kv(fn: Callable) -> None:
+    """fn(x (B, n_kv_heads, S, hd), n_rep) -> (B, n_kv_heads * n_rep, S, hd), each K/V head n_rep times in a row."""
+    for shape, n_rep in [((2, 2, 3, 4), 3), ((1, 3, 2, 2), 2), ((2, 4, 5, 8), 1)]:
+        x = torch.randn(shape)
+        inputs = dict(x=x, n_rep=n_rep)
+        _compare(_call(fn, inputs), repeat_kv(x, n_rep), _describe(inputs), _repeat_kv_mistakes(x, n_rep),
+                 "query heads h * n_rep .. h * n_rep + n_rep - 1 all read K/V head h",
+                 also=x.repeat_interleave(n_rep, 1))
+
+
+def _mask_mistakes(q_len: int, kv_len: int) -> dict:
+    ones = torch.ones(q_len, kv_len, dtype=torch.bool)
+    return {
+        "aligned top-left (query i sees keys 0..i), like SDPA's is_causal=True: the last query sits at position "
+        "kv_len - 1 and sees every key, so query i sees keys 0 .. i + kv_len - q_len": lambda: ones.tril(),
+        "True marks the blocked positions: this mask is True where attention is allowed (invert it)":
+            lambda: ~causal_mask(q_len, kv_len),
+        "True marks the blocked positions, and it is aligned top-left: True where allowed, and query i sees "
+        "keys 0 .. i + kv_len - q_len": lambda: ~ones.tril(),
+        "the diagonal is masked: a token may attend to itself (<=, not <)": lambda: ones.tril(kv_len - q_len - 1),
+    }
+
+
+@_seeded
+def check_causal_mask(fn: Callable) -> None:
+    """fn(q_len, kv_len) -> bool (q_len, kv_len), True where query i may attend to key j: j <= i + kv_len - q_len."""
+    for q_len, kv_len in [(2, 5), (4, 4), (1, 6), (3, 7)]:  # q_len < kv_len first: the alignments differ
+        inputs = dict(q_len=q_len, kv_len=kv_len)
+        got = _call(fn, inputs)
+        if torch.is_tensor(got) and got.dtype != torch.bool and got.shape == (q_len, kv_len):
+            kind = "an additive mask (0 / -inf)" if got.is_floating_point() and got.isinf().any() else got.dtype
+            raise AssertionError(f"returned {kind}: return a boolean mask, True where attention is allowed "
+                                 f"(input: {_describe(inputs)})")
+        _compare(got, causal_mask(q_len, kv_len), _describe(inputs), _mask_mistakes(q_len, kv_len),
+                 "mask[i, j] = j <= i + kv_len - q_len", also=torch.ones(q_len, kv_len).tril(kv_len - q_len).bool())
+
+
+def _attention(m, x, cos, sin, rope="qk", rope_fn=apply_rotary_emb, heads="grouped", scale=None,
+               mask="causal", softmax_dim=-1, merge="transpose", wo=True):
+    """Textbook GQA with the weights of m (a utils Attention), with knobs for the usual mistakes."""
+    B, T, _ = x.shape
+    hd, n_rep = m.head_dim, m.n_heads // m.n_kv_heads
+    q, k, v = (w(x).view(B, T, -1, hd) for w in (m.wq, m.wk, m.wv))
+    q, k, v = (rope_fn(t, cos, sin) if name in rope else t for name, t in zip("qkv", (q, k, v)))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+    k, v = (t.repeat_interleave(n_rep, 1) if heads == "grouped" else t.repeat(1, n_rep, 1, 1) for t in (k, v))
+    scores = q @ k.transpose(-2, -1) * (hd ** -0.5 if scale is None else scale)  # (B, H, T, T)
+    past = torch.ones(T, T, dtype=torch.bool).tril()
+    if mask != "none":
+        scores = scores.masked_fill(~(past.T if mask == "flipped" else past), 0.0 if mask == "zero" else float("-inf"))
+    y = scores.softmax(softmax_dim) @ v  # (B, H, T, hd)
+    y = (y.transpose(1, 2) if merge == "transpose" else y).reshape(B, T, -1)
+    return m.wo(y) if wo else y
+
+
+def _attention_mistakes(m: Attention, x, cos, sin) -> dict:
+    v = partial(_attention, m, x, cos, sin)
+    return {
+        "no causal mask: tokens also attend to later tokens; fill the scores above the diagonal with -inf "
+        "before the softmax (or is_causal=True)": partial(v, mask="none"),
+        "masked scores set to 0, not -inf: exp(0) = 1, so later tokens still get weight": partial(v, mask="zero"),
+        "mask flipped: tokens attend to later tokens instead of earlier ones (tril keeps the past)":
+            partial(v, mask="flipped"),
+        "scores not scaled: divide q @ k^T by sqrt(head_dim)": partial(v, scale=1.0),
+        "scores scaled by 1/sqrt(dim), the model width: the scale is 1/sqrt(head_dim)":
+            partial(v, scale=x.shape[-1] ** -0.5),
+        "scores scaled by 1/head_dim: the scale is 1/sqrt(head_dim)": partial(v, scale=1 / m.head_dim),
+        "RoPE applied to v as well: rotate only q and k (positions enter through the scores)": partial(v, rope="qkv"),
+        "RoPE not applied to k: rotate both q and k": partial(v, rope="q"),
+        "RoPE not applied to q: rotate both q and k": partial(v, rope="k"),
+        "no RoPE: rotate q and k with apply_rotary_emb(t, cos, sin) while they are (B, T, heads, head_dim)":
+            partial(v, rope=""),
+        ROTATE_HALF: partial(v, rope_fn=apply_rotary_emb_hf),
+        TILED: partial(v, heads="tiled"),
+        "softmax over the queries (dim -2): each query's weights sum to 1 over the keys, softmax(dim=-1)":
+            partial(v, softmax_dim=-2),
+        "heads merged without transposing back: y.transpose(1, 2).reshape(B, T, n_heads * head_dim)":
+            partial(v, merge="reshape"),
+        "output projection wo missing": partial(v, wo=False),
+    }
+
+
+ATTENTION_HINT = ("check the steps: view as (B, T, heads, head_dim), RoPE on q and k, transpose to (B, heads, T, "
+                  "head_dim), repeat K/V, scores / sqrt(head_dim), causal mask, softmax over keys, transpose back, wo")
+
+
+@_seeded
+def check_attention(cls: type) -> None:
+    """cls(dim, n_heads, n_kv_heads); forward(x (B, T, dim), cos, sin, start_pos=0) -> (B, T, dim), no cache."""
+    for dim, n_heads, n_kv_heads, B, T in [(32, 4, 2, 2, 5), (24, 3, 1, 1, 4), (16, 2, 2, 2, 3)]:
+        args = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+        ref = Attention(dim, n_heads, n_kv_heads).eval()
+        x = torch.randn(B, T, dim)
+        cos, sin = rope_cos_sin(dim // n_heads, T)
+        inputs = dict(x=x, cos=cos, sin=sin, start_pos=0)
+        got = _call(_module(cls, args, ref, inputs), inputs, ATTENTION_HINT)
+        _compare(got, ref(x, cos, sin), _describe(args | inputs), _attention_mistakes(ref, x, cos, sin),
+                 ATTENTION_HINT, also=_attention(ref, x, cos, sin))
+
+
+# ---- lesson 3: KV cache ----------------------------------------------------------------------------
+
+CACHE_HINT = ("the cache is (batch, n_kv_heads, max_seq_len, head_dim): write at self.k[:, :, start_pos:start_pos "
+              "+ T] and return self.k[:, :, :start_pos + T], self.v[:, :, :start_pos + T]")
+
+
+def _cache_mistakes(history: list, ref: KVCache, expected: tuple) -> dict:
+    """What the usual wrong caches would return after the writes in history, [(start_pos, xk, xv), ...]."""
+    start, xk, xv = history[-1]
+    end = start + xk.shape[2]
+
+    def written_at(where):  # replay every write at position where(start_pos)
+        k, v = torch.zeros_like(ref.k), torch.zeros_like(ref.v)
+        for s, hk, hv in history:
+            k[:, :, where(s):where(s) + hk.shape[2]], v[:, :, where(s):where(s) + hv.shape[2]] = hk, hv
+        return k[:, :, :end], v[:, :, :end]
+
+    return {
+        "the cache returned only the new keys/values: return everything so far, self.k[:, :, :start_pos + T]":
+            lambda: (xk, xv),
+        "returned the whole buffer (all max_seq_len positions, the unwritten ones still zero): slice to "
+        ":start_pos + T": lambda: (ref.k, ref.v),
+        "returned the keys before start_pos without the new ones: slice to :start_pos + T":
+            lambda: (ref.k[:, :, :start], ref.v[:, :, :start]),
+        "wrote the new keys at position 0 instead of at start_pos": lambda: written_at(lambda s: 0),
+        "wrote the new keys one position too far (start_pos + 1): write at start_pos":
+            lambda: written_at(lambda s: s + 1),
+        "appended (torch.cat) instead of writing at start_pos: a new prompt from start_pos 0 must overwrite "
+        "the old keys": lambda: tuple(torch.cat([h[i] for h in history], dim=2) for i in (1, 2)),
+        "keys and values swapped: return (keys, values)": lambda: expected[::-1],
+        "returned the keys twice: return (keys, values)": lambda: (expected[0], expected[0]),
+    }
+
+
+@_seeded
+def check_kv_cache(cls: type) -> None:
+    """cls(batch_size, n_kv_heads, max_seq_len, head_dim); update(start_pos, xk, xv (B, n_kv_heads, T, hd))
+    -> (keys, values) of every position so far, each (B, n_kv_heads, start_pos + T, hd)."""
+    args = dict(batch_size=2, n_kv_heads=2, max_seq_len=8, head_dim=4)
+    mine, ref = _call(cls, args), KVCache(*args.values())
+    if not callable(getattr(mine, "update", None)):
+        raise AssertionError(f"{_name(cls)} has no method update(start_pos, xk, xv)")
+    history = []
+    for start_pos, T in [(0, 3), (3, 1), (4, 2), (0, 2)]:  # prefill, two decode steps, a new prompt from 0
+        xk, xv = torch.randn(2, 2, T, 4), torch.randn(2, 2, T, 4)
+        history.append((start_pos, xk, xv))
+        inputs = dict(start_pos=start_pos, xk=xk, xv=xv)
+        got = _call(mine.update, inputs, CACHE_HINT)
+        expected = tuple(t.clone() for t in ref.update(start_pos, xk, xv))
+        after = f", after writes at start_pos {[s for s, _, _ in history[:-1]]}" if len(history) > 1 else ""
+        _compare(got, expected, _describe(inputs) + after, _cache_mistakes(history, ref, expected), CACHE_HINT,
+                 labels=("keys", "values"))
+
+
+# ---- lesson 4: SwiGLU ------------------------------------------------------------------------------
+
+def _swiglu_rule(dim, multiple_of, mult, base="8/3", rounding="up", multiplier="before") -> int:
+    """Meta's hidden size, with knobs for the usual mistakes."""
+    h = {"8/3": int(2 * (4 * dim) / 3), "4": 4 * dim, "2/3": int(2 * dim / 3)}[base]
+    rnd = {"up": lambda n: multiple_of * ((n + multiple_of - 1) // multiple_of), "none": lambda n: n,
+           "down": lambda n: multiple_of * (n // multiple_of),
+           "nearest": lambda n: multiple_of * round(n / multiple_of)}[rounding]
+    if mult is None or multiplier == "ignored":
+        return rnd(h)
+    if multiplier == "before":
+        return rnd(int(mult * h))
+    return int(mult * rnd(h)) if multiplier == "after" else rnd(int(mult * rnd(h)))
+
+
+def _swiglu_mistakes(cases: list) -> dict:
+    rule = lambda **knobs: tuple(_swiglu_rule(*c, **knobs) for c in cases)
+    return {
+        "not rounded: round up to a multiple of multiple_of": partial(rule, rounding="none"),
+        "rounded down: round *up* to the next multiple of multiple_of": partial(rule, rounding="down"),
+        "rounded to the nearest multiple: round *up*": partial(rule, rounding="nearest"),
+        "ffn_dim_multiplier ignored: scale the width by it before rounding": partial(rule, multiplier="ignored"),
+        "ffn_dim_multiplier applied after rounding: scale first, then round up": partial(rule, multiplier="after"),
+        "ffn_dim_multiplier applied after rounding (then rounded again): scale first, then round up once":
+            partial(rule, multiplier="after, rounded"),
+        "4 * dim without the 2/3: SwiGLU has three matrices, so it keeps 2/3 of 4 * dim to cost the same as two":
+            partial(rule, base="4"),
+        "2/3 of dim: it is 2/3 of 4 * dim": partial(rule, base="2/3"),
+    }
+
+
+@_seeded
+def check_swiglu_hidden_dim(fn: Callable) -> None:
+    """fn(dim, multiple_of, ffn_dim_multiplier) -> int: int(2 * 4 * dim / 3), times the multiplier, rounded up."""
+    cases = [(4096, 256, None), (100, 64, None), (8192, 4096, 1.3), (40, 32, 1.5), (5120, 256, None)]
+    got = []
+    for case in cases:  # all cases first: rounding down and to the nearest differ only across cases
+        inputs = dict(zip(("dim", "multiple_of", "ffn_dim_multiplier"), case))
+        got.append(_call(fn, inputs, "ffn_dim_multiplier may be None: scale by it only when it is given"))
+        if not isinstance(got[-1], int):
+            raise AssertionError(f"returned {got[-1]!r} ({type(got[-1]).__name__}): return an int, nn.Linear needs "
+                                 f"one (use // or int()) (input: {_describe(inputs)})")
+    _compare(tuple(got), tuple(swiglu_hidden_dim(*c) for c in cases),
+             f"(dim, multiple_of, ffn_dim_multiplier) = {', '.join(map(str, cases))}", _swiglu_mistakes(cases),
+             "int(2 * (4 * dim) / 3), times ffn_dim_multiplier if given, rounded up to a multiple of multiple_of",
+             labels=[str(c) for c in cases])
+
+
+def _feed_forward_mistakes(m: FeedForward, x) -> dict:
+    gate, value = m.w1(x), m.w3(x)
+    return {
+        "GELU instead of SiLU: the gate is silu(w1(x)) = w1(x) * sigmoid(w1(x))": lambda: m.w2(F.gelu(gate) * value),
+        "ReLU instead of SiLU: the gate is silu(w1(x))": lambda: m.w2(F.relu(gate) * value),
+        "sigmoid instead of SiLU: silu(z) = z * sigmoid(z)": lambda: m.w2(torch.sigmoid(gate) * value),
+        "gate and value swapped: silu goes on w1(x), w3(x) is the linear value": lambda: m.w2(F.silu(value) * gate),
+        "w3 not used: SwiGLU multiplies silu(w1(x)) by w3(x)": lambda: m.w2(F.silu(gate)),
+        "silu applied to the product: it is silu(w1(x)) * w3(x)": lambda: m.w2(F.silu(gate * value)),
+        "added instead of multiplied: silu(w1(x)) * w3(x)": lambda: m.w2(F.silu(gate) + value),
+        "w2 not applied: project back to dim with w2": lambda: F.silu(gate) * value,
+    }
+
+
+@_seeded
+def check_feed_forward(cls: type) -> None:
+    """cls(dim, hidden_dim); forward(x (..., dim)) -> (..., dim) = w2(silu(w1(x)) * w3(x))."""
+    for dim, hidden_dim, shape in [(16, 24, (2, 3, 16)), (8, 32, (5, 8))]:
+        args, inputs = dict(dim=dim, hidden_dim=hidden_dim), dict(x=torch.randn(shape))
+        ref = FeedForward(dim, hidden_dim).eval()
+        got = _call(_module(cls, args, ref, inputs), inputs)
+        x, (w1, w2, w3) = inputs["x"], (ref.w1.weight, ref.w2.weight, ref.w3.weight)
+        _compare(got, ref(x), _describe(args | inputs), _feed_forward_mistakes(ref, x), "w2(silu(w1(x)) * w3(x))",
+                 also=(F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T)
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------------
+
+def _rmsnorm_mistakes(x, w, eps: float) -> dict:
+    ms = x.pow(2).mean(-1, keepdim=True)
+    return {
+        "LayerNorm, not RMSNorm: don't subtract the mean": lambda: F.layer_norm(x, w.shape, w, None, eps),
+        "x.var() subtracts the mean: RMSNorm uses the mean of x², x.pow(2).mean(-1, keepdim=True)":
+            lambda: x * torch.rsqrt(x.var(-1, keepdim=True) + eps) * w,
+        "eps added outside the square root: x / sqrt(mean(x²) + eps)": lambda: x / (ms.sqrt() + eps) * w,
+        "eps missing: x / sqrt(mean(x²) + eps)": lambda: x / ms.sqrt() * w,
+        "weight not applied: multiply by self.weight (the learned gain)": lambda: x * torch.rsqrt(ms + eps),
+        "divided by the L2 norm, not the RMS: take the mean of x², not the sum":
+            lambda: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w,
+        "multiplied by the RMS instead of dividing by it: x * rsqrt(mean(x²) + eps)":
+            lambda: x * (ms + eps).sqrt() * w,
+        "mean over all elements, not per token: .mean(-1, keepdim=True)":
+            lambda: x * torch.rsqrt(x.pow(2).mean() + eps) * w,
+        "normalised over the wrong dim: the mean of x² runs over the last dim (the features)":
+            lambda: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + eps) * w,
+    }
+
+
+@_seeded
+def check_rmsnorm(cls: type) -> None:
+    """cls(dim, eps); forward(x (..., dim)) -> x / sqrt(mean(x^2 over the last dim) + eps) * weight."""
+    for dim, eps, shape, scale in [(8, 1e-5, (2, 3, 8), 3.0), (16, 0.1, (4, 16), 0.2)]:
+        ref, torch_ref = RMSNorm(dim, eps), nn.RMSNorm(dim, eps)
+        ref.weight.copy_(torch.randn(dim))
+        torch_ref.weight.copy_(ref.weight)
+        x = torch.randn(shape) * scale + 0.5 * scale  # a non-zero mean, so that LayerNorm differs
+        args, inputs = dict(dim=dim, eps=eps), dict(x=x)
+        got = _call(_module(cls, args, ref, inputs), inputs, "mean(-1, keepdim=True) keeps the mean broadcastable")
+        _compare(got, ref(x), _describe(args | inputs), _rmsnorm_mistakes(x, ref.weight, eps),
+                 "x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight", also=torch_ref(x))
+
+
+# ---- the transformer block -------------------------------------------------------------------------
+
+def _block_mistakes(m: TransformerBlock, x, cos, sin) -> dict:
+    """What the usual wrong blocks compute, with the reference's sub-layers."""
+    attn = lambda h: m.attention(h, cos, sin, 0)
+    ff, n1, n2, none = m.feed_forward, m.attention_norm, m.ffn_norm, nn.Identity()
+
+    def pre(norm1=n1, norm2=n2, res1=True, res2=True):
+        h = attn(norm1(x)) + (x if res1 else 0)
+        return ff(norm2(h)) + (h if res2 else 0)
+
+    def post():
+        h = n1(x + attn(x))
+        return n2(h + ff(h))
+
+    def normed_residual():
+        h = n1(x) + attn(n1(x))
+        return n2(h) + ff(n2(h))
+
+    return {
+        "post-norm (the norm after the residual add, as in the original Transformer): LLaMA normalises each "
+        "sub-layer's input, h = x + attention(attention_norm(x))": post,
+        "missing residual around attention: h = x + attention(attention_norm(x))": partial(pre, res1=False),
+        "missing residual around the feed-forward: out = h + feed_forward(ffn_norm(h))": partial(pre, res2=False),
+        "no residual connections: add each sub-layer's output to its input": partial(pre, res1=False, res2=False),
+        "one shared norm: attention_norm before the feed-forward too; ffn_norm has its own weights":
+            partial(pre, norm2=n1),
+        "one shared norm: ffn_norm before attention too; attention_norm has its own weights": partial(pre, norm1=n2),
+        "norms swapped: attention_norm goes before attention, ffn_norm before the feed-forward": partial(pre, n2, n1),
+        "residual added to the normalised input: add to x itself, h = x + attention(attention_norm(x))":
+            normed_residual,
+        "parallel block: the feed-forward must read h = x + attention(...), not x": lambda: x + attn(n1(x)) + ff(n2(x)),
+        "no norms: normalise each sub-layer's input, attention(attention_norm(x))": partial(pre, none, none),
+    }
+
+
+@_seeded
+def check_block(cls: type) -> None:
+    """cls(config); forward(x (B, T, dim), cos, sin, start_pos=0) -> (B, T, dim), pre-norm with residuals."""
+    config = LlamaConfig(vocab_size=32, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=16)
+    ref = TransformerBlock(config).eval()
+    for norm in (ref.attention_norm, ref.ffn_norm):
+        norm.weight.copy_(torch.rand(config.dim) + 0.5)  # different gains, so that a shared norm shows
+    cases = [dict(zip(("x", "cos", "sin", "start_pos"), (x, *rope_cos_sin(config.head_dim, x.shape[1]), 0)))
+             for x in (torch.randn(2, 5, 32), torch.randn(1, 3, 32))]
+    mine = _module(cls, dict(config=config), ref, cases[0])
+    for inputs in cases:
+        x, cos, sin, _ = inputs.values()
+        _compare(_call(mine, inputs), ref(x, cos, sin), _describe(inputs), _block_mistakes(ref, x, cos, sin),
+                 "h = x + attention(attention_norm(x), cos, sin, start_pos); out = h + feed_forward(ffn_norm(h))")
+
+
+# ---- generation ------------------------------------------------------------------------------------
+
+def _sampling_probs(logits, temperature, top_k, top_p, keep_crossing=True, sort=True, p_first=False):
+    """The distribution sample_next draws from, (B, vocab), the textbook way, with knobs for the usual mistakes."""
+    def keep_top_k(p):
+        p = torch.where(p >= p.topk(top_k, dim=-1).values[:, -1:], p, 0.0)
+        return p / p.sum(-1, keepdim=True)
+
+    def keep_top_p(p):
+        order = p.argsort(-1, descending=True) if sort else torch.arange(p.shape[-1]).expand_as(p)
+        sorted_p = p.gather(-1, order)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+        drop = before >= top_p if keep_crossing else before + sorted_p > top_p
+        p = p.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        return p / p.sum(-1, keepdim=True)
+
+    steps = [keep_top_k if top_k is not None else None, keep_top_p if top_p is not None else None]
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    for step in steps[::-1] if p_first else steps:
+        p = step(p) if step else p
+    return p
+
+
+def _sampling_mistakes(logits, temperature, top_k, top_p) -> dict:
+    p = partial(_sampling_probs, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return {
+        "temperature has no effect: divide the logits by it before the softmax (dividing the probabilities "
+        "changes nothing, torch.multinomial renormalises them)": partial(p, temperature=1.0),
+        "logits multiplied by the temperature: divide them (a higher temperature flattens the distribution)":
+            partial(p, temperature=1 / temperature),
+        # equals the reference unless both top_k and top_p are given, so it shadows nothing before that case
+        "top_p applied before top_k (it then has no effect once top_k has cut): apply top_k first, then top_p to "
+        "the renormalised probabilities": partial(p, p_first=True),
+        "top_k ignored: keep only the k most likely tokens (set the others to -inf)": partial(p, top_k=None),
+        "top_k keeps one token too many": partial(p, top_k=top_k and top_k + 1),
+        "top_k keeps one token too few": partial(p, top_k=top_k and top_k - 1),
+        "top_p ignored: keep the most likely tokens until their mass reaches top_p": partial(p, top_p=None),
+        "top_p dropped the token that crosses the threshold: keep the smallest set whose mass reaches top_p "
+        "(drop a token only if the mass before it already does)": partial(p, keep_crossing=False),
+        "top_p summed the probabilities unsorted: sort them in descending order before the cumsum":
+            partial(p, sort=False),
+    }
+
+
+def _same_distribution(freq, p) -> bool:
+    """Frequencies from 20000 draws per row agree with p: same support, within 0.02 (over 5 sigma)."""
+    return freq.shape == p.shape and bool(((freq > 0) <= (p > 0)).all()) and (freq - p).abs().max().item() < 0.02
+
+
+def _token_frequencies(tokens, n: int, V: int, desc: str) -> torch.Tensor:
+    """(2, V) frequencies of the tokens drawn for each of the two rows, after checking they are token ids."""
+    if not torch.is_tensor(tokens) or tokens.shape != (2 * n,):
+        raise AssertionError(f"{_difference(tokens, torch.empty(2 * n))} (input: {desc}): one token id per row; "
+                             "torch.multinomial(probs, 1) is (B, 1), so .squeeze(-1)")
+    if tokens.is_floating_point() or tokens.min() < 0 or tokens.max() >= V:
+        raise AssertionError(f"returned {tokens.dtype} values in [{tokens.min()}, {tokens.max()}]: return token "
+                             f"ids (int64, 0 .. vocab - 1), e.g. torch.multinomial(probs, 1) (input: {desc})")
+    return torch.stack([torch.bincount(t, minlength=V) / n for t in tokens.long().view(2, n)]).double()
+
+
+def _rounded(t: torch.Tensor) -> list:
+    return [[round(v, 3) for v in row] for row in t.tolist()]
+
+
+GREEDY = "temperature 0 means greedy: return logits.argmax(dim=-1) before dividing by the temperature"
+_PROBS = torch.tensor([[0.06, 0.30, 0.02, 0.16, 0.22, 0.09, 0.12, 0.03],   # two rows, the same values shuffled,
+                       [0.22, 0.03, 0.12, 0.30, 0.06, 0.16, 0.02, 0.09]])  # so each row must be handled alone
+
+
+@_seeded
+def check_sample_next(fn: Callable) -> None:
+    """fn(logits (B, vocab), temperature, top_k, top_p, generator) -> (B,) token ids; temperature 0 is greedy."""
+    n, V = 20000, _PROBS.shape[1]
+    logits = _PROBS.log() + torch.tensor([[1.0], [-2.0]])  # log-probabilities up to a constant per row
+    # the last case keeps 2 tokens: top_k cuts to 3, top_p to 2 of those (4 of the full distribution)
+    for temperature, top_k, top_p in [(1.0, None, None), (0.5, None, None), (1.0, 3, None), (1.0, None, 0.75),
+                                      (1.0, 3, 0.72)]:
+        inputs = dict(logits=logits.repeat_interleave(n, 0), temperature=temperature, top_k=top_k, top_p=top_p,
+                      generator=torch.Generator().manual_seed(0))
+        desc = _describe(inputs) + f" (2 rows of logits, each repeated {n} times)"
+        tokens = _call(fn, inputs)
+        freq, p = _token_frequencies(tokens, n, V, desc), _sampling_probs(logits, temperature, top_k, top_p)
+        _compare(freq, p, desc, _sampling_mistakes(logits, temperature, top_k, top_p),
+                 f"expected probabilities {_rounded(p)}, your frequencies {_rounded(freq)}", close=_same_distribution)
+        inputs["generator"] = torch.Generator().manual_seed(0)
+        if top_k is None and top_p is None and not torch.equal(_call(fn, inputs), tokens):
+            raise AssertionError("the same generator seed gave different tokens: pass generator=generator to "
+                                 "torch.multinomial")
+    logits = torch.randn(4, 10)
+    inputs = dict(logits=logits, temperature=0.0, top_k=3, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    _compare(_call(fn, inputs, GREEDY), logits.argmax(-1), _describe(inputs), hint=GREEDY)
