@@ -10,12 +10,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+REPO_CORPUS = ROOT / "data" / "tinyshakespeare.txt"  # where a first `python -m utils train` downloads it
+
+
+def corpus_file() -> Path | None:
+    """Tiny Shakespeare: the shared copy beside the repo, else the one in the repo's data/ (a public clone)."""
+    return next((p for p in (SHARED_CORPUS, REPO_CORPUS) if p.exists()), None)
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    """The path of the whole Tiny Shakespeare text; the test skips, saying where to put it, if there is none."""
+    path = corpus_file()
+    if path is None:
+        pytest.skip(f"tinyshakespeare.txt missing: run `python -m utils train` once online (it downloads it into "
+                    f"{REPO_CORPUS.parent}), or put a copy at {SHARED_CORPUS}")
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)
 def seeded_corpus_cache():
     """No internet here: seed the project's download cache (data/) from the shared copy, as CI does."""
-    target = ROOT / "data" / "tinyshakespeare.txt"
+    target = REPO_CORPUS
     if not target.exists() and SHARED_CORPUS.exists():
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(SHARED_CORPUS, target)
@@ -28,7 +44,7 @@ def corpus(tmp_path_factory):
     from utils.data import prepare_data
 
     d = tmp_path_factory.mktemp("data")
-    src = SHARED_CORPUS if SHARED_CORPUS.exists() else ROOT / "data" / "tinyshakespeare.txt"
-    text = src.read_text()[:60_000] if src.exists() else "To be, or not to be. " * 3000
+    src = corpus_file()
+    text = src.read_text()[:60_000] if src is not None else "To be, or not to be. " * 3000
     (d / "small.txt").write_text(text)
     return d, prepare_data(str(d / "small.txt"), "char", data_dir=d)

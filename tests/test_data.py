@@ -28,7 +28,6 @@ from utils.data import (
 )
 from utils.tokenizer import CharTokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 ROWS = ["First story: a llama.", "Second story: café, 東京, 🦙.", "Third story."]
 
 
@@ -41,12 +40,10 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def seeded_data_dir(data_dir) -> Path:
+def seeded_data_dir(data_dir, shakespeare) -> Path:
     """A cache that already holds tinyshakespeare.txt, as after a first download."""
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"{SHAKESPEARE} missing: clone with shared/ beside the repo")
     data_dir.mkdir(parents=True)
-    shutil.copy(SHAKESPEARE, data_dir / "tinyshakespeare.txt")
+    shutil.copy(shakespeare, data_dir / "tinyshakespeare.txt")
     return data_dir
 
 
@@ -196,9 +193,9 @@ def test_validation_is_the_last_ten_percent_of_characters_as_in_nanogpt():
     assert train == text[: int(1001 * 0.9)] and train + val == text
 
 
-def test_prepare_data_char_tinyshakespeare_matches_nanogpt(seeded_data_dir):
+def test_prepare_data_char_tinyshakespeare_matches_nanogpt(seeded_data_dir, shakespeare):
     data = prepare_data("tinyshakespeare", "char")
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shakespeare.read_text(encoding="utf-8")
     assert len(data.tokenizer.chars) == 65  # nanoGPT's shakespeare_char vocabulary
     assert data.train.dtype == np.uint16 and data.train_chars + data.val_chars == len(text)
     assert (len(data.train), len(data.val)) == (1_003_854, 111_540)  # nanoGPT's printed counts

@@ -5,7 +5,6 @@ checker's own list of mistakes, so a test passes only if the diagnosis reaches c
 """
 
 import math
-import time
 from functools import partial
 
 import pytest
@@ -467,13 +466,6 @@ def test_checkers_leave_the_callers_random_state_alone():
     torch.manual_seed(1)
     ex.check_attention(Attention)
     assert torch.equal(torch.rand(3), expected)
-
-
-def test_each_checker_takes_under_a_second():
-    for checker, reference in REFERENCES.items():
-        start = time.perf_counter()
-        checker(reference)
-        assert time.perf_counter() - start < 1.0, checker.__name__
 
 
 # ---- every mistake a checker lists is reachable, and named by its own message ----------------------

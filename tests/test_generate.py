@@ -96,6 +96,18 @@ def test_stop_token_ends_generation_early(model):
     assert out.shape[1] == 4 + first + 1 and out[0, -1].item() == stop
 
 
+def test_stop_token_may_be_several_ids_and_finished_rows_repeat_theirs(model):
+    prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(5))
+    free = generate(model, prompt, 30, temperature=0.0)
+    stops = {free[0, 8].item(), free[1, 12].item()}  # one id from each row's continuation
+    out = generate(model, prompt, 30, temperature=0.0, stop_token=stops)
+    firsts = [next(t for t in range(4, 34) if free[r, t].item() in stops) for r in range(2)]
+    assert out.shape[1] == max(firsts) + 1  # generation ends when the slower row stops
+    for r, first in enumerate(firsts):
+        assert torch.equal(out[r, :first + 1], free[r, :first + 1])
+        assert (out[r, first:] == free[r, first]).all()  # then it repeats the stop token it produced
+
+
 def test_stream_yields_the_same_tokens_one_at_a_time(model):
     prompt = torch.randint(0, 97, (1, 4))
     pieces = list(stream(model, prompt, 12, temperature=0.0))

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,8 +43,10 @@ def test_committed_notebook_is_a_complete_lesson(path):
     assert counts == list(range(1, len(code) + 1)), "outputs come from one run, top to bottom"
 
 
-def test_colab_links_lists_every_lesson_in_order():
+def test_colab_links_and_readme_list_every_lesson_in_order():
     assert (course.ROOT / "colab_links.md").read_text() == course.colab_links_markdown()
+    readme = (course.ROOT / "README.md").read_text()
+    assert readme == course.readme_with_lessons(readme), "run `python -m utils.course`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -63,3 +67,27 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def run_setup_cell(cwd: Path, prelude: str, env_extra: dict | None = None):
+    code = prelude + "\n" + course.setup_cell_source() + "\nimport utils\nprint(utils.__file__)"
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_setup_cell_uses_the_courses_utils_even_if_another_was_imported_first(tmp_path):
+    (tmp_path / "utils").mkdir()
+    (tmp_path / "utils" / "__init__.py").write_text("NOT_THE_COURSE = True\n")
+    prelude = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import utils; assert utils.NOT_THE_COURSE"
+    r = run_setup_cell(course.ROOT / "notebooks", prelude)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(course.ROOT / "utils" / "__init__.py")
+
+
+def test_setup_cell_says_how_to_fix_a_failed_clone(tmp_path):
+    # Colab, no course folder, and a clone that fails (https forbidden here: nothing leaves the machine)
+    prelude = "import sys, types; sys.modules['google.colab'] = types.ModuleType('google.colab')"
+    r = run_setup_cell(tmp_path, prelude, {"GIT_ALLOW_PROTOCOL": "file"})
+    assert r.returncode == 1 and "could not clone" in r.stderr and "set REPO above" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -2,7 +2,6 @@
 
 import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
@@ -20,15 +19,12 @@ from utils.tokenizer import (
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 UNICODE = "Café naïve façade — Ünïcödé; 東京タワーと北京烤鸭; emoji 🦙🚀👩‍💻 and 🇫🇷!\n\ttabs  spaces 12345"
 
 
 @pytest.fixture(scope="module")
-def corpus() -> str:
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"{SHAKESPEARE} missing: clone with shared/ beside the repo")
-    return SHAKESPEARE.read_text(encoding="utf-8")
+def corpus(shakespeare) -> str:
+    return shakespeare.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

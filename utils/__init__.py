@@ -20,7 +20,7 @@ Weights in and out (05, 06):
     hf           Hugging Face transformers checkpoints, `from_hf`, `save_hf`
     meta         Meta's consolidated.NN.pth shards
     llama2c      karpathy/llama2.c .pt and .bin files
-    files        atomic writes: a crash never leaves half a file
+    files        atomic writes: a crash never leaves half a file; one training process per run folder
 
 And: course (the GitHub address the notebooks' badges point to); `python -m utils` is the command line.
 """

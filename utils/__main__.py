@@ -1,15 +1,22 @@
-"""Command line: `python -m utils train ...` and `python -m utils generate ...` (`--help` on each).
+"""Command line: `python -m utils train ...`, `generate ...` and `chat ...` (`--help` on each).
 
 Only `train` imports the trainer: generating text needs the model, the checkpoints and the sampler.
 """
 
 import argparse
 import os
+import shlex
+import signal
 import sys
+import tempfile
+import traceback
 from dataclasses import fields
+from pathlib import Path
 from typing import get_args
 
 import torch
+
+from .chat import add_chat_parser, run_chat
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -38,24 +45,37 @@ def positive_int(text: str) -> int:
 def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     """The parser; the train command's flags only when `command` is train (they import the trainer)."""
     parser = argparse.ArgumentParser(prog="python -m utils", description="Train a LLaMA-2 model and sample from it.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model; writes ckpt.pt and metrics.json into --out",
+    t = sub.add_parser("train", help="train a model; writes ckpt.pt and metrics.json into --out", parents=[common],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if command == "train":
         add_train_flags(t)
-    t.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
-    t.add_argument("--sample-tokens", type=int, default=200, help="tokens of sample text printed at the end")
-    g = sub.add_parser("generate", help="stream text from a checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out exactly where it stopped, with its settings")
+    t.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (deletes it)")
+    t.add_argument("--sample-tokens", type=int, default=None,
+                   help="tokens of sample text printed at the end; 0: none; None: 200, or what the context allows")
+    g = sub.add_parser("generate", help="stream text from a checkpoint", parents=[common])
     g.add_argument("--checkpoint", required=True,
                    help="a folder written by `train`, a Hugging Face/Meta/llama2.c checkpoint, or a hub id")
     g.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate")
+    g.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="tokens to generate (default: 200, or fewer if the model's context ends sooner)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
     g.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k most likely tokens")
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
+    add_chat_parser(sub)  # utils/chat.py
     return parser
+
+
+# mistakes the user can fix: one line, exit code 2 (anything else is a bug: one line and a traceback file)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, FloatingPointError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,41 +84,81 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "chat":
+            return run_chat(args)
         return run_generate(args)
-    except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError, ImportError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        path = Path(tempfile.gettempdir()) / f"llama-utils-error-{os.getpid()}.txt"
+        path.write_text(traceback.format_exc())
+        what = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+        print(f"error: unexpected {what} (a bug: the full traceback is in {path}, or rerun with --debug; please "
+              "report it)", file=sys.stderr)
+        return 1
+
+
+def new_tokens(asked: int | None, context: int, used: int, what: str = "--max-new-tokens") -> int:
+    """How many tokens fit after `used` in a context of `context`: `asked`, else 200; a note on stderr if cut."""
+    room = context - used
+    if asked is not None and asked > room:
+        print(f"note: the model's context is {context} tokens and {used} are used, so it generates {max(room, 0)} "
+              f"new tokens, not {what} {asked}", file=sys.stderr)
+    return max(min(200 if asked is None else asked, room), 1)  # stream() explains when not even 1 fits
+
+
+def resume_command(out_dir: str) -> str:
+    """The command line that continues a run: its checkpoint holds every other setting."""
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['WORLD_SIZE']}", "-m"] if "WORLD_SIZE" in os.environ else \
+        ["python", "-m"]
+    return shlex.join([*launcher, "utils", "train", "--out", out_dir, "--resume"])
 
 
 def run_train(args) -> int:
-    from .checkpoints import load_model
+    from .checkpoints import CKPT_FILE, load_model
     from .generate import generate
     from .train import TrainConfig, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    metrics = train(cfg, resume=args.resume)
+    try:
+        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        ckpt = Path(cfg.out_dir) / CKPT_FILE
+        kept = f"{ckpt} holds the last completed save" if ckpt.exists() else "no checkpoint was saved yet"
+        print(f"\nstopped at once (Ctrl-C): {kept}", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return 0
+    if metrics["interrupted"]:
+        print(f"resume with: {resume_command(cfg.out_dir)}")
+        return 128 + signal.Signals[metrics["stop_signal"]]
     print(f"\nsteps {metrics['steps']}  tokens {metrics['tokens_seen']:,}  {metrics['wall_seconds']:.0f} s  "
           f"{metrics['tokens_per_second']:,.0f} tok/s  val {metrics['val_loss']:.3f} nats/token  "
           f"{metrics['val_loss_per_char']:.3f} nats/char")
     print(f"saved {cfg.out_dir}/ckpt.pt and {cfg.out_dir}/metrics.json")
-    if args.sample_tokens > 0:
+    if args.sample_tokens is None or args.sample_tokens > 0:
         model, tok = load_model(cfg.out_dir)
         start = torch.tensor([tok.encode("\n")[-1:] or [0]], dtype=torch.long)
-        n = min(args.sample_tokens, model.config.max_seq_len - 1)
+        n = new_tokens(args.sample_tokens, model.config.max_seq_len, 1, "--sample-tokens")
         out = generate(model, start, n, temperature=0.8, top_k=200, generator=torch.Generator().manual_seed(0))
         print("\n--- sample ---\n" + tok.decode(out[0].tolist()))
     return 0
 
 
-def load_for_generation(path: str, device: torch.device):
+def load_for_generation(path: str, device: torch.device, dtype: str | None = None):
     """(model, tokenizer) from our training folder or any format `load_pretrained` reads."""
-    from .checkpoints import detect_format, load_model, load_pretrained, load_pretrained_tokenizer
+    from .checkpoints import detect_format, load_pretrained, load_pretrained_tokenizer
+    from .tokenizer import load_tokenizer
 
+    model = load_pretrained(path, device=device, dtype=dtype)
     if detect_format(path) == "ours":
-        return load_model(path, device=device)
-    model = load_pretrained(path, device=device)
+        return model, load_tokenizer(path)
     tok = load_pretrained_tokenizer(path)
     if tok is None:
         raise FileNotFoundError(f"{path} ships no tokenizer (tokenizer.json or tokenizer.model): "
@@ -112,11 +172,11 @@ def run_generate(args) -> int:
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     device = pick_device(args.device)
-    model, tok = load_for_generation(args.checkpoint, device)
+    model, tok = load_for_generation(args.checkpoint, device, args.dtype)
     start = getattr(tok, "bos_id", None)  # Meta's tokenizers start from BOS, ours from end-of-text
     start = start if start is not None and start >= 0 else (tok.eot_id if tok.eot_id is not None else 0)
     ids = tok.encode(args.prompt) if args.prompt else [start]
-    n = max(min(args.max_new_tokens, model.config.max_seq_len - len(ids)), 1)  # stream() says if even 1 won't fit
+    n = new_tokens(args.max_new_tokens, model.config.max_seq_len, len(ids))
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
     print(args.prompt, end="", flush=True)
@@ -125,9 +185,10 @@ def run_generate(args) -> int:
     context = ids if args.prompt else []
     new: list[int] = []
     shown = tok.decode(context) if context else ""
+    stops = getattr(tok, "eos_ids", None) or ({tok.eot_id} if tok.eot_id is not None else None)  # GGUF: several
     for token in stream(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        stop_token=tok.eot_id, generator=gen):
-        if token.item() == tok.eot_id:
+                        stop_token=stops, generator=gen):
+        if stops and token.item() in stops:
             break
         new.append(token.item())
         text = tok.decode(context + new)

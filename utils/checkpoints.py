@@ -11,6 +11,7 @@ it (`detect_format` tells them apart):
     meta         params.json + consolidated.00.pth, consolidated.01.pth, ... (model-parallel shards)
     llama2c-pt   llama2.c's training checkpoint (.pt with "model" and "model_args")
     llama2c-bin  llama2.c's export: version 0 (legacy header), 1 ("ak42" header), 2 (int8, dequantised)
+    gguf         llama.cpp's .gguf file (utils/gguf.py): any tensor type the gguf package dequantizes
     hub          "owner/name" on the Hugging Face hub: downloaded, then read as "hf"
 """
 
@@ -21,15 +22,17 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write
+from .gguf import GGUFTokenizer, load_gguf, load_gguf_tokenizer
 from .hf import HF_WEIGHT_FILES, download_hub, load_hf
 from .llama2c import load_llama2c_bin, load_llama2c_pt
 from .meta import load_meta
 from .model import Llama, LlamaConfig
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, eos_token_from_config, load_tokenizer
-from .weights import build_model, strip_prefix, torch_load, with_max_seq_len
+from .weights import as_dtype, build_model, strip_prefix, torch_load, with_max_seq_len
 
 CKPT_FILE = "ckpt.pt"
 METRICS_FILE = "metrics.json"
+TRAINING_KEYS = ("config", "train_config", "model", "optimizer", "step")  # what a resume reads
 
 
 # ---- our run folder -------------------------------------------------------------------------------------
@@ -43,12 +46,22 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
-    """The training state saved in out_dir/ckpt.pt."""
+    """The training state saved in out_dir/ckpt.pt; a clear ValueError for a damaged or foreign file."""
     path = Path(out_dir) / CKPT_FILE
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: train first (python -m utils train --out {out_dir}) "
                                 "or point --out/--checkpoint at a folder that has one")
-    return torch.load(path, map_location=map_location, weights_only=True)  # a downloaded pickle runs no code
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)  # a downloaded pickle runs no code
+    except Exception as e:  # truncated, damaged, or not a PyTorch file: torch raises many types
+        why = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's first sentence says what it found
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {why}): it is damaged or incomplete (an "
+                         "interrupted copy?). Restore a good copy, or start the run again with --overwrite") from e
+    missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint written by utils.train (no {', '.join(missing)}): resume "
+                         "only runs this trainer wrote, or start again with --overwrite")
+    return ckpt
 
 
 def load_model(out_dir: str | Path, device="cpu") -> tuple[Llama, Tokenizer]:
@@ -93,10 +106,12 @@ def _detect_file(p: Path) -> str:
         raise ValueError(f"{p} is one file of a checkpoint directory: pass the directory {p.parent} instead")
     if p.suffix == ".bin":
         return "llama2c-bin"
+    if p.suffix == ".gguf":
+        return "gguf"
     if p.suffix in (".pt", ".pth", ".ckpt"):
         return _checkpoint_kind(p)
     raise ValueError(f"unknown checkpoint file {p}: expected a directory ({EXPECTED_FILES}), "
-                     "a llama2c .bin export or a .pt checkpoint")
+                     "a llama2c .bin export, a .pt checkpoint or a llama.cpp .gguf file")
 
 
 def _detect_dir(p: Path) -> str:
@@ -115,7 +130,7 @@ def _detect_dir(p: Path) -> str:
 
 
 def detect_format(path: str | Path) -> str:
-    """One of "ours", "hf", "meta", "llama2c-pt", "llama2c-bin", "hub"; a clear error for anything else."""
+    """One of "ours", "hf", "meta", "llama2c-pt", "llama2c-bin", "gguf", "hub"; a clear error for anything else."""
     p = Path(path)
     if p.is_dir():
         return _detect_dir(p)
@@ -124,13 +139,13 @@ def detect_format(path: str | Path) -> str:
     if HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
         return "hub"
     raise FileNotFoundError(f"{path} does not exist: pass a checkpoint directory ({EXPECTED_FILES}), "
-                            "a llama2c .pt/.bin file, or a Hugging Face hub id 'owner/name'")
+                            "a llama2c .pt/.bin file, a llama.cpp .gguf file, or a Hugging Face hub id 'owner/name'")
 
 
 # ---- the doors ------------------------------------------------------------------------------------------
 
 LOADERS = {"ours": load_ours, "hf": load_hf, "meta": load_meta, "llama2c-pt": load_llama2c_pt,
-           "llama2c-bin": load_llama2c_bin}
+           "llama2c-bin": load_llama2c_bin, "gguf": load_gguf}
 
 
 def load_pretrained(path: str | Path, *, device="cpu", dtype=None, max_seq_len: int | None = None) -> Llama:
@@ -141,18 +156,23 @@ def load_pretrained(path: str | Path, *, device="cpu", dtype=None, max_seq_len: 
     fmt = detect_format(path)
     if fmt == "hub":
         path, fmt = download_hub(str(path)), "hf"
-    config, sd = LOADERS[fmt](Path(path), max_seq_len)
+    if fmt == "gguf":  # dequantized straight to dtype: a 7B Q4 file never exists in float32 first
+        config, sd = load_gguf(Path(path), max_seq_len, dtype=as_dtype(dtype))
+    else:
+        config, sd = LOADERS[fmt](Path(path), max_seq_len)
     return build_model(config, sd, f"{path} ({fmt})", device=device, dtype=dtype)
 
 
-def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer | None:
-    """The tokenizer shipped with a foreign checkpoint (tokenizer.json or tokenizer.model), else None.
+def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer | GGUFTokenizer | None:
+    """The tokenizer shipped with a foreign checkpoint (tokenizer.json, tokenizer.model, a GGUF's metadata), else None.
 
     None for our own checkpoints too: load those with utils.tokenizer.load_tokenizer(directory).
     """
     fmt = detect_format(path)
     if fmt == "ours":
         return None
+    if fmt == "gguf":
+        return load_gguf_tokenizer(path)
     directory = download_hub(str(path)) if fmt == "hub" else Path(path)
     directory = directory if directory.is_dir() else directory.parent
     if (directory / "tokenizer.json").exists():

@@ -8,7 +8,14 @@ from pathlib import Path
 REPO = "llama2-course/llama2-from-scratch"  # GitHub owner/name
 BRANCH = "main"
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS = ["01_rope", "02_gqa", "03_kv_cache", "04_swiglu", "05_full_model", "06_train_generate"]
+LESSONS = {  # notebook -> what it teaches, in one line
+    "01_rope": "rotary position embeddings, why attention needs position, Meta's and Hugging Face's layouts",
+    "02_gqa": "grouped-query attention (MHA, GQA, MQA) and what fewer K/V heads save",
+    "03_kv_cache": "the KV cache, prefill and decode, identical tokens at a fraction of the work",
+    "04_swiglu": "SwiGLU and RMSNorm, the rest of a LLaMA block, measured against ReLU, GELU and LayerNorm",
+    "05_full_model": "the full model assembled and counted, a real pretrained LLM running in it, what each part buys",
+    "06_train_generate": "train your own on a dataset you choose, then sample, resume, export and experiment",
+}
 
 
 def colab_url(notebook: str) -> str:
@@ -22,28 +29,47 @@ def badge_markdown(notebook: str) -> str:
 
 def setup_cell_source() -> str:
     """The second cell of every lesson: runs unchanged in Colab (clone + install) and locally."""
-    name = REPO.split("/")[1]
     return f'''# Setup: in Colab, clone the course and install what Colab lacks; locally, find the repo root.
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-if "google.colab" in sys.modules and not Path("{name}").exists():
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{REPO}"], check=True)
+REPO = "{REPO}"  # working from a fork? put its owner/name here
+if "google.colab" in sys.modules and not Path(REPO.split("/")[1]).exists():
+    r = subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{REPO}}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"could not clone https://github.com/{{REPO}}: {{r.stderr.strip()[-300:]}}\\n"
+                         "If the course lives in a fork, set REPO above to its owner/name (and in utils/course.py).")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "tiktoken", "datasets"], check=True)
-candidates = [Path.cwd(), *Path.cwd().parents, Path("{name}").resolve()]
-ROOT = next(p for p in candidates if (p / "utils" / "model.py").exists())
+candidates = [Path.cwd(), *Path.cwd().parents, Path(REPO.split("/")[1]).resolve()]
+ROOT = next((p for p in candidates if (p / "utils" / "model.py").exists()), None)
+if ROOT is None:
+    raise SystemExit("the course's utils/ folder is not here: open this notebook from the course's folder, or in Colab")
 sys.path.insert(0, str(ROOT))
+if "utils" in sys.modules and Path(sys.modules["utils"].__file__ or "").parent != ROOT / "utils":
+    for module in [m for m in sys.modules if m == "utils" or m.startswith("utils.")]:
+        del sys.modules[module]  # another package called utils was imported first: use the course's
 SMOKE = os.environ.get("LLAMA_SMOKE") == "1"  # tiny sizes and few steps, for the test suite'''
+
+
+def lesson_list_markdown() -> str:
+    """Every lesson that exists, in order: one numbered line each, what it teaches and its badge."""
+    lessons = [n for n in LESSONS if (ROOT / "notebooks" / f"{n}.ipynb").exists()]
+    return "\n".join(f"{i}. `{name}`: {LESSONS[name]} {badge_markdown(name)}" for i, name in enumerate(lessons, 1))
 
 
 def colab_links_markdown() -> str:
     """The text of colab_links.md: every lesson that exists, in order, with its badge."""
-    lines = ["# Open the lessons in Colab", "", "In order; each builds on the ones before it.", ""]
-    lessons = [n for n in LESSONS if (ROOT / "notebooks" / f"{n}.ipynb").exists()]
-    lines += [f"{i}. `{name}` {badge_markdown(name)}" for i, name in enumerate(lessons, 1)]
-    return "\n".join(lines) + "\n"
+    intro = "# Open the lessons in Colab\n\nIn order; each builds on the ones before it.\n\n"
+    return intro + lesson_list_markdown() + "\n"
+
+
+def readme_with_lessons(readme: str) -> str:
+    """README.md's text with the block between <!-- lessons --> and <!-- /lessons --> rewritten."""
+    head, rest = readme.split("<!-- lessons -->", 1)
+    tail = rest.split("<!-- /lessons -->", 1)[1]
+    return f"{head}<!-- lessons -->\n{lesson_list_markdown()}\n<!-- /lessons -->{tail}"
 
 
 def sync_notebook(path: Path) -> bool:
@@ -64,4 +90,6 @@ if __name__ == "__main__":
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         print(("updated " if sync_notebook(nb) else "ok      ") + nb.name)
     (ROOT / "colab_links.md").write_text(colab_links_markdown())
-    print("wrote colab_links.md")
+    readme = ROOT / "README.md"
+    readme.write_text(readme_with_lessons(readme.read_text()))
+    print("wrote colab_links.md and the lesson list in README.md")

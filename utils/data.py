@@ -18,8 +18,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +153,31 @@ def _check_sha256(path: Path, sha256: str | None, url: str, fresh: bool = False)
                      f"to re-download it from {url}")
 
 
+def hub_offline() -> bool:
+    """Is HF_HUB_OFFLINE set (to anything but 0/false/no)?"""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def check_hub_reachable(repo: str, timeout: float = 3.0) -> None:
+    """Raise ConnectionError at once when the hub cannot be reached: `datasets` would retry for ~25 s first.
+
+    Skipped under HF_HUB_OFFLINE, where `datasets` reads its cache without trying the network.
+    """
+    if hub_offline():
+        return
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"could not load hub dataset {repo!r}: {host}:{port} cannot be reached ({e}). Connect "
+                              "to the internet; with a cached copy, set HF_HUB_OFFLINE=1 to use it; or download the "
+                              "data and pass its local path (.txt/.jsonl/.csv/.parquet)") from e
+
+
 def load_hub_text(repo: str, *, column: str = "text", split: str = "train", limit: int | None = None) -> str:
     """One column of a Hugging Face hub dataset (streamed when `limit` rows are asked for)."""
+    check_hub_reachable(repo)  # seconds, not the ~25 s of retries `datasets` makes offline
     import datasets
 
     try:
@@ -162,8 +187,7 @@ def load_hub_text(repo: str, *, column: str = "text", split: str = "train", limi
             stream = datasets.load_dataset(repo, split=split, streaming=True)  # never the whole set
             rows = datasets.Dataset.from_list(list(stream.take(limit)))
     except Exception as e:  # offline, unknown name, bad split: datasets raises many types
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-        why = "HF_HUB_OFFLINE is set and there is no cached copy" if offline else str(e).splitlines()[0]
+        why = "HF_HUB_OFFLINE is set and there is no cached copy" if hub_offline() else str(e).splitlines()[0]
         raise ConnectionError(f"could not load hub dataset {repo!r} (split {split!r}): {why}. Connect to the "
                               "internet (and unset HF_HUB_OFFLINE), check the name on huggingface.co/datasets, "
                               "or download the data and pass its local path (.txt/.jsonl/.csv/.parquet)") from e

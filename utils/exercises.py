@@ -749,6 +749,93 @@ def check_sample_next(fn: Callable) -> None:
     _compare(_call(fn, inputs, GREEDY), logits.argmax(-1), _describe(inputs), hint=GREEDY)
 
 
+# ---- lesson 03: the attention forward that uses the cache -----------------------------------------
+
+CACHED_CHUNKS = [(0, 3), (3, 1), (4, 1), (5, 3)]  # (start_pos, T): prefill, two decode steps, a chunk
+CACHED_ATTENTION_HINT = (
+    "with a cache: RoPE on the new q and k (cos/sin are already those of positions start_pos ..), transpose to "
+    "(B, heads, T, head_dim), k, v = self.cache.update(start_pos, k, v) (before repeat_kv: the cache holds "
+    "n_kv_heads heads), then attend over all S = start_pos + T keys with causal_mask(T, S)")
+
+
+def _cached_attention(m: Attention, x, cos, sin, mask="bottom-right", cache=True) -> list:
+    """Textbook GQA with the weights of m, x (B, S, dim) fed in CACHED_CHUNKS through a growing store of
+    rotated keys/values, with knobs for the usual mistakes: the output (B, T, dim) of each chunk."""
+    B, hd, n_rep = x.shape[0], m.head_dim, m.n_heads // m.n_kv_heads
+    keys = values = x.new_zeros(B, m.n_kv_heads, 0, hd)
+    outputs = []
+    for start, T in CACHED_CHUNKS:
+        xc, c, s = x[:, start:start + T], cos[start:start + T], sin[start:start + T]
+        q, k, v = (w(xc).view(B, T, -1, hd) for w in (m.wq, m.wk, m.wv))
+        q, k, v = (t.transpose(1, 2) for t in (apply_rotary_emb(q, c, s), apply_rotary_emb(k, c, s), v))
+        keys, values = (torch.cat([old[:, :, :start], new], 2) for old, new in ((keys, k), (values, v)))
+        kk, vv = (keys, values) if cache else (k, v)  # (B, n_kv_heads, S, hd)
+        S = kk.shape[2]
+        allowed = {"bottom-right": causal_mask(T, S), "top-left": torch.ones(T, S, dtype=torch.bool).tril(),
+                   "none": torch.ones(T, S, dtype=torch.bool)}[mask]
+        scores = q @ kk.repeat_interleave(n_rep, 1).transpose(-2, -1) * hd ** -0.5  # (B, H, T, S)
+        y = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv.repeat_interleave(n_rep, 1)
+        outputs.append(m.wo(y.transpose(1, 2).reshape(B, T, -1)))
+    return outputs
+
+
+def _cached_attention_mistakes(m: Attention, x, cos, sin) -> dict:
+    """{message: outputs of each chunk}: what the usual wrong forwards return, chunk by chunk."""
+    return {
+        "attended only over the new tokens, not over the cached ones: k, v = self.cache.update(start_pos, k, v) "
+        "returns the keys and values of every position so far; attend over what it returns (and write at "
+        "start_pos, not 0)": _cached_attention(m, x, cos, sin, cache=False),
+        "masked top-left (is_causal=True) although the cache holds earlier tokens: new token i sits at position "
+        "start_pos + i and may see keys 0 .. start_pos + i (a single new token sees every key); use the "
+        "bottom-right causal_mask(T, start_pos + T)": _cached_attention(m, x, cos, sin, mask="top-left"),
+        "no causal mask with the cache: a prompt or chunk of several new tokens must not see the later ones; mask "
+        "with causal_mask(T, start_pos + T) (only a single new token may see every key)":
+            _cached_attention(m, x, cos, sin, mask="none"),
+    }
+
+
+def _chunk(x, cos, sin, start: int, T: int) -> dict:
+    """The forward inputs for positions start .. start + T - 1 of x (B, S, dim) and the tables (S, hd/2)."""
+    return dict(x=x[:, start:start + T], cos=cos[start:start + T], sin=sin[start:start + T], start_pos=start)
+
+
+@_seeded
+def check_cached_attention(cls: type) -> None:
+    """cls(dim, n_heads, n_kv_heads) with self.cache (None, or a KVCache the caller installs); forward(x (B, T, dim),
+    cos, sin (T, head_dim/2) of positions start_pos .. start_pos + T - 1, start_pos) -> (B, T, dim).
+
+    First without a cache (as check_attention), then with one: a 3-token prompt, two decode steps and a 3-token
+    chunk, each output compared with attention over the whole sequence at once."""
+    try:
+        check_attention.__wrapped__(cls)
+    except NotAttempted:
+        raise
+    except AssertionError as e:
+        raise AssertionError(f"without a cache (self.cache is None): {e}") from None
+    S = sum(CACHED_CHUNKS[-1])
+    for dim, n_heads, n_kv_heads, B in [(32, 4, 2, 2), (24, 3, 1, 1)]:
+        args, hd = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads), dim // n_heads
+        ref = Attention(dim, n_heads, n_kv_heads).eval()
+        x = torch.randn(B, S, dim)
+        cos, sin = rope_cos_sin(hd, S)
+        mine = _module(cls, args, ref, _chunk(x, cos, sin, 0, 3))
+        mine.cache, ref.cache = KVCache(B, n_kv_heads, S + 2, hd), KVCache(B, n_kv_heads, S + 2, hd)
+        whole = _attention(ref, x, cos, sin)  # (B, S, dim): every position at once, no cache
+        mistakes = _cached_attention_mistakes(ref, x, cos, sin)
+        for i, (start, T) in enumerate(CACHED_CHUNKS):
+            inputs = _chunk(x, cos, sin, start, T)
+            got = _call(mine, inputs, CACHED_ATTENTION_HINT)
+            held = f"the cache holding positions 0 .. {start - 1}" if start else "an empty cache"
+            desc = f"{_describe(args | inputs)}, {held}"
+            _compare(got, ref(*inputs.values()), desc, {m: partial(o.__getitem__, i) for m, o in mistakes.items()},
+                     CACHED_ATTENTION_HINT, also=whole[:, start:start + T])
+        cached = getattr(getattr(mine, "cache", None), "k", None)
+        if not (torch.is_tensor(cached) and _close(cached[:, :, :S], ref.cache.k[:, :, :S])):
+            raise AssertionError("right outputs, but self.cache does not hold the keys: store them there with "
+                                 "k, v = self.cache.update(start_pos, k, v) (rotated keys, (B, n_kv_heads, T, "
+                                 f"head_dim)), not in a cache of your own (input: {_describe(args)})")
+
+
 # ---- lesson 05 -------------------------------------------------------------------------------------
 # The whole model: counting its parameters and its KV cache from the shape alone. Both are checked on
 # several shapes at once (GQA and MHA, tied and untied, Llama-2-7B and 70B), since one shape cannot tell

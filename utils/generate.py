@@ -1,6 +1,6 @@
 """Autoregressive sampling: greedy, temperature, top-k and top-p, with or without the KV cache."""
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 
@@ -53,12 +53,14 @@ def _check_args(model: Llama, prompt: torch.Tensor, max_new_tokens: int, tempera
 
 def stream(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-           stop_token: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           stop_token: int | Collection[int] | None = None,
+           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), as soon as it is sampled.
 
     With the cache the prompt is processed once (prefill), then each step feeds one token
     (decode). Without it every step re-runs the whole sequence: same tokens, O(n^2) work.
-    Stops early once every row has produced `stop_token`; finished rows keep emitting it.
+    Stops early once every row has produced `stop_token` (one id, or several such as a chat model's
+    eos and <|im_end|>); finished rows keep emitting the stop token they produced.
     With use_cache, it allocates the model's caches for this call and frees them at the end.
     Arguments are checked here, before the first token, not when iteration starts.
     """
@@ -72,6 +74,8 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache,
     model.eval()
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    stop_ids = None if stop_token is None else torch.tensor(
+        [stop_token] if isinstance(stop_token, int) else sorted(stop_token), dtype=torch.long, device=prompt.device)
     if use_cache:
         model.setup_cache(prompt.shape[0], max_seq_len=prompt.shape[1] + max_new_tokens)
     try:
@@ -80,9 +84,9 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache,
             if not use_cache:
                 logits = model(seq)[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if stop_token is not None:
-                nxt = nxt.masked_fill(done, stop_token)
-                done |= nxt == stop_token
+            if stop_ids is not None:
+                nxt = torch.where(done, seq[:, -1], nxt)  # a finished row repeats its stop token
+                done |= torch.isin(nxt, stop_ids)
             yield nxt
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             if done.all():
@@ -97,8 +101,9 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache,
 
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-             stop_token: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Continue prompt (B, T) -> (B, T + n), n = max_new_tokens unless every row hit stop_token sooner."""
+             stop_token: int | Collection[int] | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue prompt (B, T) -> (B, T + n), n = max_new_tokens unless every row hit a stop token sooner."""
     new = list(stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       use_cache=use_cache, stop_token=stop_token, generator=generator))
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)

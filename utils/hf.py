@@ -208,7 +208,8 @@ def save_hf(model: Llama, directory: str | Path, *, bos_token_id: int | None = N
 
 
 HUB_PATTERNS = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
+                "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                "chat_template.jinja"]
 
 
 def download_hub(repo_id: str) -> Path:

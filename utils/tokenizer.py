@@ -149,7 +149,10 @@ def _merge_word(word: list[int], pair: tuple[int, int], new_id: int) -> list[int
 
 
 def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
-    """Byte-level BPE ranks {token bytes: rank}: 256 bytes + (vocab_size - 257) merges (+1 EOT)."""
+    """Byte-level BPE ranks {token bytes: rank}: 256 bytes + (vocab_size - 257) merges (+1 EOT).
+
+    A ValueError, with the largest size the text allows, if it runs out of pairs to merge first.
+    """
     n_merges = vocab_size - 257
     if n_merges < 0:
         raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
@@ -181,6 +184,10 @@ def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
         for p in changed:
             if pair_counts[p] > 0:
                 heapq.heappush(heap, (-pair_counts[p], p))
+    if len(ranks) < 256 + n_merges:  # every chunk is one token: no pair left to merge
+        raise ValueError(f"bpe:{vocab_size} is more than this text can make: with every possible merge done it "
+                         f"gives {len(ranks) + 1:,} tokens (256 bytes, {len(ranks) - 256:,} merges, end-of-text); "
+                         f"use bpe:{len(ranks) + 1} or fewer, or more text")
     return ranks
 
 

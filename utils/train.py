@@ -6,14 +6,22 @@ A run writes ckpt.pt, the tokenizer and metrics.json into `out_dir` (`utils.chec
 The loop (`Trainer.run`) is nanoGPT's: take a batch, forward, backward, clip, step; every
 `eval_interval` steps measure the validation loss and save a checkpoint; at the end evaluate on
 the whole validation split and save.
+
+Nothing trained is lost: a folder holding a run is continued (resume) or restarted (overwrite) only
+when asked, one process at a time (`utils.files.FolderLock`); Ctrl-C finishes the step and saves,
+and resuming from any saved step continues exactly as if the run had never stopped.
 """
 
+import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import CKPT_FILE, METRICS_FILE, atomic_save, load_checkpoint
 from .data import TokenData, check_enough_tokens, epoch_batch, prepare_data, windows_at
-from .device import pick_device, pick_dtype
-from .files import atomic_write
+from .device import dtype_reason, pick_device, pick_dtype
+from .files import FolderLock, atomic_write, remove_stale_temporaries
 from .model import Llama, LlamaConfig, get_config
 
 
@@ -76,7 +84,7 @@ class TrainConfig:
     compile: bool = arg(False, "compile the model with torch.compile (faster on recent GPUs, slow to start)")
     seed: int = arg(1337, "random seed for initialisation, batches and dropout")
     out_dir: str = arg("out", "folder for ckpt.pt, the tokenizer and metrics.json")
-    progress: bool = arg(True, "show a progress bar")
+    progress: bool = arg(True, "show a progress bar, a summary of the run at its start and each evaluation")
 
     def validate(self) -> None:
         """Raise ValueError, saying what to change, for settings no run can use."""
@@ -180,22 +188,154 @@ def gather_from_ranks(obj, world: int) -> list:
     return objs
 
 
+# ---- the run folder and resuming -------------------------------------------------------------
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--out" if name == "out_dir" else "--" + name.replace("_", "-")
+
+
+def claim_run_folder(out: Path, *, resume: bool, overwrite: bool, rank: int = 0) -> FolderLock | None:
+    """Check `out` before any work, then (rank 0) lock it, clean up after killed writes, and clear it on overwrite.
+
+    Refuses what would lose a run: a file as the folder, or a checkpoint neither resumed nor overwritten.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it again: pick one")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: pass a folder for the run (created if missing)")
+    if (out / CKPT_FILE).exists() and not resume and not overwrite:
+        raise FileExistsError(f"{out} already holds a trained run ({CKPT_FILE}): continue it with --resume, start "
+                              "again with --overwrite (deletes it), or pick another --out (in Python: resume=True, "
+                              "overwrite=True, or another out_dir)")
+    if resume and not out.is_dir():
+        load_checkpoint(out)  # raises, saying what to do (without creating the folder)
+    if rank != 0:
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --out {out} ({e.strerror}): pick a folder you can write to") from e
+    lock = FolderLock(out).acquire()
+    stale = remove_stale_temporaries(out)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) an interrupted write left in {out}: "
+              f"{', '.join(p.name for p in stale)}")
+    if overwrite:
+        for name in (CKPT_FILE, METRICS_FILE):
+            (out / name).unlink(missing_ok=True)
+    return lock
+
+
+# settings a resumed run takes from the command line (the length of the run, the machine, and the
+# schedule: the NaN advice is a lower lr); everything else must match the checkpoint
+RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "eval_interval", "device", "dtype", "compile", "progress",
+                     "lr", "min_lr_ratio", "warmup_steps", "grad_clip")
+
+
+def resume_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
+    """The checkpoint's settings, updated with those `cfg` sets away from the defaults: (config, {name: (old, new)}).
+
+    A resume may change only RESUME_MAY_CHANGE; asking for another model shape, data, tokenizer or
+    optimizer setting is an error, since the run would no longer be the one saved.
+    """
+    old, default = TrainConfig.from_dict(saved), TrainConfig()
+    merged, changes = asdict(old), {}
+    for f in fields(TrainConfig):
+        new, was = getattr(cfg, f.name), getattr(old, f.name)
+        if f.name == "out_dir" or new == was or new == getattr(default, f.name):
+            continue  # equal to the checkpoint's value, or not asked for
+        if f.name not in RESUME_MAY_CHANGE:
+            was = was if was is not None else f"from preset {old.preset}"
+            raise ValueError(f"{flag(f.name)} {new} contradicts the checkpoint in {cfg.out_dir}, trained with "
+                             f"{f.name} {was}: a resumed run keeps its settings; drop "
+                             f"the flag, or start a new run (another --out, or --overwrite). A resume may change "
+                             f"only {', '.join(flag(n) for n in RESUME_MAY_CHANGE)}")
+        merged[f.name] = new
+        changes[f.name] = (was, new)
+    merged["out_dir"] = cfg.out_dir  # the folder may have moved
+    return TrainConfig(**merged), changes
+
+
+def kept_settings(cfg: TrainConfig, changed) -> str:
+    """The run's settings that differ from the defaults and were not `changed`, as name=value."""
+    default, skip = TrainConfig(), {"out_dir", "progress", *changed}
+    kept = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(TrainConfig)
+            if f.name not in skip and getattr(cfg, f.name) != getattr(default, f.name)]
+    return " ".join(kept) or "the defaults"
+
+
+# ---- stopping: Ctrl-C saves -------------------------------------------------------------------
+
+class StopSignals:
+    """While the run lasts, the first SIGINT (Ctrl-C) or SIGTERM (Colab, schedulers) asks it to stop after
+    the current step and save; a second one of the same kind raises KeyboardInterrupt at once. Handlers are
+    installed only in the main thread (Python allows no other), and the previous ones come back afterwards."""
+
+    def __init__(self, announce: bool = True):
+        self.signal: int | None = None
+        self.announce, self.previous = announce, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal == signum:
+            raise KeyboardInterrupt(f"second {name}: stopped at once")
+        if self.signal is not None:  # torchrun answers a Ctrl-C with SIGTERM to every worker: already stopping
+            return
+        self.signal = signum
+        if self.announce:  # os.write, not print: a handler that prints may land inside another print
+            msg = f"\n{name}: finishing this step, then saving (press Ctrl-C again to stop at once)\n"
+            with contextlib.suppress(Exception):  # no file descriptor in a notebook: the loop says it later
+                os.write(sys.stderr.fileno(), msg.encode())
+
+
 # ---- the run ----------------------------------------------------------------------------------
 
+def fmt_duration(seconds: float) -> str:
+    """4 s, 3.5 min, 2.1 h."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
 class Trainer:
-    """One run: the model, optimizer, counters and history; `run()` trains until steps or time run out."""
+    """One run: the model, optimizer, counters and history; `run()` trains until steps or time run out.
 
-    # settings a resumed run takes from the command line; everything else comes from the checkpoint
-    RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "device", "dtype", "progress", "out_dir", "compile",
-                         "eval_interval")
+    The run folder is claimed first, before any work (`claim_run_folder`): a folder holding a run needs
+    resume=True or overwrite=True, and one process at a time may train into it.
+    """
 
-    def __init__(self, cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, callback=None):
+    RESUME_MAY_CHANGE = RESUME_MAY_CHANGE
+
+    def __init__(self, cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, callback=None,
+                 overwrite: bool = False):
         cfg.validate()
-        ckpt = load_checkpoint(cfg.out_dir) if resume else None
+        self.out, self.callback, self.stop_signal = Path(cfg.out_dir), callback, None
+        rank = int(os.environ.get("RANK", 0))  # the process group does not exist yet
+        self.lock = claim_run_folder(self.out, resume=resume, overwrite=overwrite, rank=rank)
+        try:
+            self._setup(cfg, data, load_checkpoint(self.out) if resume else None)
+        except BaseException:
+            self.release()
+            raise
+
+    def _setup(self, cfg: TrainConfig, data: TokenData | None, ckpt: dict | None) -> None:
+        """Everything but the folder: settings, device, data, model, optimizer; the checkpoint's state if resuming."""
+        changes = {}
         if ckpt is not None:
-            given = {k: getattr(cfg, k) for k in self.RESUME_MAY_CHANGE}
-            cfg = TrainConfig.from_dict({**ckpt["train_config"], **given})
-        self.cfg, self.out, self.callback = cfg, Path(cfg.out_dir), callback
+            cfg, changes = resume_config(cfg, ckpt["train_config"])
+        self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.rank, self.world = setup_distributed(self.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
@@ -209,9 +349,16 @@ class Trainer:
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
         if ckpt is not None:
             self.restore(ckpt)
+            self._check_not_finished()
+            self._say_resuming(changes)
         self.net = self._wrap(self.model)
         use_amp = self.dtype != torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if use_amp else nullcontext()
+
+    def release(self) -> None:
+        """Let other processes train into the folder (run() does this when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _wrap(self, model: Llama) -> torch.nn.Module:
         """What the training step calls: the model, compiled and/or wrapped for DDP if asked."""
@@ -219,6 +366,57 @@ class Trainer:
         if self.world > 1:
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return net
+
+    # ---- what the run says --------------------------------------------------------------------
+
+    def note(self, message: str) -> None:
+        """A line for the user (rank 0), printed without breaking the progress bar."""
+        if self.rank == 0:
+            from tqdm.auto import tqdm
+            tqdm.write(message)
+
+    def say(self, message: str) -> None:
+        """A note only when progress is on: quiet runs (tests, benchmarks) stay quiet."""
+        if self.cfg.progress:
+            self.note(message)
+
+    def _check_not_finished(self) -> None:
+        cfg = self.cfg
+        if self.done():
+            raise ValueError(f"the run in {self.out} already finished (step {self.step} of max_steps {cfg.max_steps}, "
+                             f"{self.seconds:.0f} s of max_seconds {cfg.max_seconds}): pass a larger --max-steps "
+                             "(or --max-seconds) to train further")
+
+    def _say_resuming(self, changes: dict) -> None:
+        cfg = self.cfg
+        self.note(f"resuming {self.out / CKPT_FILE} from step {self.step} of {cfg.max_steps} "
+                  f"({self.tokens_seen:,} tokens seen, {self.seconds:.0f} s of training)")
+        self.note(f"  kept from the checkpoint: {kept_settings(cfg, changes)}")
+        shown = [f"{name} {old} -> {new}" for name, (old, new) in changes.items() if name != "progress"]
+        if shown:
+            self.note(f"  changed: {', '.join(shown)}")
+
+    def announce(self) -> None:
+        """What the run will do: device and precision, model, tokenizer, data, steps, where it saves."""
+        cfg, d, tok = self.cfg, self.data, self.data.tokenizer
+        n, total = self.model.num_params(), cfg.max_steps * self.tokens_per_step
+        limit = f" or {cfg.max_seconds:g} s, whichever comes first" if cfg.max_seconds else ""
+        self.say(f"device {self.device}, {str(self.dtype).removeprefix('torch.')}: "
+                 f"{dtype_reason(cfg.dtype, self.device, self.dtype)}")
+        self.say(f"model {cfg.preset}: {n:,} parameters, context {cfg.max_seq_len}; "
+                 f"tokenizer {tok.name}: {tok.vocab_size:,} ids")
+        self.say(f"data {d.source}: {len(d.train):,} training tokens ({len(d.train) / n:.2g} per parameter), "
+                 f"{len(d.val):,} validation tokens")
+        self.say(f"steps {self.step} to {cfg.max_steps}{limit}, {self.tokens_per_step:,} tokens each "
+                 f"({total / len(d.train):.1f} epochs); every {cfg.eval_interval} steps it evaluates and saves "
+                 f"{self.out / CKPT_FILE}")
+
+    def _say_time_left(self, first_step: int, first_seconds: float) -> None:
+        per_step = (self.seconds - first_seconds) / max(self.step - first_step, 1)
+        left = (self.cfg.max_steps - self.step) * per_step
+        if self.cfg.max_seconds:
+            left = min(left, max(self.cfg.max_seconds - self.seconds, 0.0))
+        self.say(f"{per_step * 1000:,.0f} ms per step: about {fmt_duration(left)} to go")
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -294,6 +492,9 @@ class Trainer:
             raise ValueError(f"checkpoint was trained with tokenizer {ckpt['tokenizer']} "
                              f"({ckpt['config']['vocab_size']} ids) but the data gives {tok.name} ({tok.vocab_size} "
                              "ids): resume with the same --tokenizer and --dataset")
+        if ckpt.get("dataset", self.data.source) != self.data.source:
+            raise ValueError(f"checkpoint was trained on {ckpt['dataset']} but the data given is {self.data.source}: "
+                             "resume with the same data")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when the saved run did not use fp16
@@ -308,39 +509,56 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """Train until max_steps or max_seconds; evaluate and save every eval_interval steps and at the end."""
+        """Train until max_steps or max_seconds; evaluate and save every eval_interval steps and at the end.
+
+        A first Ctrl-C (SIGINT) or SIGTERM finishes the step, saves, and returns (metrics["interrupted"]).
+        """
+        with self.lock or nullcontext(), StopSignals(announce=self.rank == 0) as signals:
+            self.announce()
+            self._loop(signals)
+            return self.finish()
+
+    def _loop(self, signals: StopSignals) -> None:
         sync_every = 1 if self.device.type != "cuda" else 20  # on GPUs, let the CPU run ahead
         bar, pending = self._progress_bar(), []
         start = time.perf_counter() - self.seconds  # a resumed run continues its clock
+        first_step, first_seconds = self.step, self.seconds
         while not self.done():
             pending.append(self.train_step())
-            self.seconds = self._clock(start)
+            self.seconds, stopping = self._clock(start, signals.signal is not None)
             at_eval = self.step % self.cfg.eval_interval == 0 and not self.done()  # finish() does the last
-            if len(pending) >= sync_every or at_eval or self.done():
+            if len(pending) >= sync_every or at_eval or self.done() or stopping:
                 self.record(pending, bar)
                 pending = []
+            if self.step - first_step == 10:
+                self._say_time_left(first_step, first_seconds)
             if at_eval:
                 self.history[-1].update(self.evaluate())
+                self.say(f"step {self.step}: val loss {self.history[-1]['val_loss']:.3f} nats/token, "
+                         f"{self.history[-1]['val_loss_per_char']:.3f} nats/char")
                 self.save()
             if self.callback is not None and self.callback(self):
                 break
+            if stopping:  # under DDP every rank stops at the same step (`_clock`)
+                self.stop_signal = signals.signal or signal.SIGINT
+                break
         self.record(pending, bar)
         bar.close()
-        return self.finish()
 
     def done(self) -> bool:
         """Out of steps or out of time."""
         cfg = self.cfg
         return self.step >= cfg.max_steps or (cfg.max_seconds is not None and self.seconds >= cfg.max_seconds)
 
-    def _clock(self, start: float) -> float:
-        """Seconds of training so far; under DDP every rank takes rank 0's, so all agree on the lr and the end."""
+    def _clock(self, start: float, stopping: bool) -> tuple[float, bool]:
+        """(seconds of training so far, stop now?). Under DDP all ranks agree on both (the latest clock, and a
+        stop if any rank was asked), so they share the lr, the last step and the checkpoint step."""
         seconds = time.perf_counter() - start
         if self.world > 1:
-            t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
-            dist.broadcast(t, src=0)
-            seconds = t.item()
-        return seconds
+            t = torch.tensor([seconds, float(stopping)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            seconds, stopping = t[0].item(), bool(t[1].item())
+        return seconds, stopping
 
     def record(self, pending: list[tuple[torch.Tensor, float]], bar) -> None:
         """Move pending (loss, lr) pairs to the history (one host sync), stopping the run on NaN or infinity."""
@@ -354,7 +572,8 @@ class Trainer:
                 raise FloatingPointError(
                     f"training loss became {loss} at step {first_step + i}: stopped. The last good checkpoint "
                     f"is {kept if kept.exists() else 'none (no checkpoint was written yet)'}. Lower --lr "
-                    f"(now {self.cfg.lr}), raise --warmup-steps or use --dtype fp32, then --resume or start over.")
+                    f"(now {self.cfg.lr}), raise --warmup-steps or use --dtype fp32, then --resume, or start "
+                    "again with --overwrite.")
             self.history.append({"step": first_step + i, "tokens": (first_step + i) * self.tokens_per_step,
                                  "train_loss": loss, "lr": lr})
         bar.update(self.step - bar.n)
@@ -368,9 +587,14 @@ class Trainer:
                     desc="train", unit="step", dynamic_ncols=True)
 
     def finish(self) -> dict:
-        """Evaluate on the whole validation split, save, and write metrics.json."""
-        final = self.evaluate(full=True)
-        if self.history:
+        """Evaluate on the whole validation split, save, and write metrics.json.
+
+        After a stop signal the evaluation uses the usual eval_windows (the user is waiting) and stays out
+        of the history, so a resumed run's history is that of a run never stopped.
+        """
+        stopped = self.stop_signal is not None
+        final = self.evaluate(full=not stopped)
+        if self.history and not stopped:
             self.history[-1].update(final)
         self.save()
         metrics = {
@@ -378,20 +602,28 @@ class Trainer:
             "tokens_per_second": self.tokens_seen / max(self.seconds, 1e-9), **final,
             "world_size": self.world, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "params": self.model.num_params(), "dataset": self.data.source, "tokenizer": self.data.tokenizer.name,
+            "interrupted": stopped, "stop_signal": signal.Signals(self.stop_signal).name if stopped else None,
             "train_config": asdict(self.cfg), "history": self.history,
         }
         if self.rank == 0:
             atomic_write(self.out / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+        if stopped:
+            self.note(f"stopped by {metrics['stop_signal']} after step {self.step} of {self.cfg.max_steps}: saved "
+                      f"{self.out / CKPT_FILE}; --resume continues it exactly (in Python: train(cfg, resume=True))")
         return metrics
 
 
-def train(cfg: TrainConfig, *, data: TokenData | None = None, resume: bool = False, callback=None) -> dict:
+def train(cfg: TrainConfig, *, data: TokenData | None = None, resume: bool = False, overwrite: bool = False,
+          callback=None) -> dict:
     """Train a model as `cfg` says; returns the metrics also written to out_dir/metrics.json.
 
+    A folder that already holds a run needs resume=True (continue it) or overwrite=True (start again).
     callback(trainer) runs after every step; returning True stops the run (it is then saved).
+    Ctrl-C (or SIGTERM) finishes the step, saves, and returns the metrics with "interrupted": True;
+    a second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint stays intact).
     """
     try:
-        return Trainer(cfg, data=data, resume=resume, callback=callback).run()
+        return Trainer(cfg, data=data, resume=resume, overwrite=overwrite, callback=callback).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -42,7 +42,7 @@ def check_state_dict(sd: dict, expected: dict[str, tuple[int, ...]], source: str
         raise ValueError(f"{source} does not fit the model its config describes: " + " | ".join(problems))
 
 
-def _as_dtype(dtype) -> torch.dtype | None:
+def as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(getattr(torch, str(dtype), None), torch.dtype):
@@ -62,7 +62,7 @@ def build_model(config: LlamaConfig, sd: dict, source: str, device="cpu", dtype=
     model.load_state_dict(sd, strict=True, assign=True)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared Parameter twice
-    dtype = _as_dtype(dtype) or model.tok_embeddings.weight.dtype
+    dtype = as_dtype(dtype) or model.tok_embeddings.weight.dtype
     return model.to(device=device, dtype=dtype).eval()
 
 

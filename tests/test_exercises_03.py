@@ -1,0 +1,164 @@
+"""Lesson 03's checker for the attention forward that uses the KV cache, and lesson 03's solutions.
+
+As in tests/test_exercises.py, the wrong versions are written the way a learner would write them, not
+from the checker's list of mistakes, so a test passes only if the diagnosis reaches code it has not seen.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from solutions import lesson_03
+from utils import exercises as ex
+from utils.attention import Attention, causal_mask, repeat_kv
+from utils.rope import apply_rotary_emb, rope_cos_sin
+
+
+def learner_cached_attention(mistake=None):
+    """A learner's attention forward with a cache, an explicit softmax; `mistake` picks one bug."""
+    class MyAttention(nn.Module):
+        def __init__(self, dim, n_heads, n_kv_heads):
+            super().__init__()
+            self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+            self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+            self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+            self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+            self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+            self.cache = None
+            self.my_k = self.my_v = None
+
+        def forward(self, x, cos, sin, start_pos=0):
+            B, T, _ = x.shape
+            q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+            k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            n_rep = self.n_heads // self.n_kv_heads
+            if mistake == "repeat before caching":
+                k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            if self.cache is not None and mistake == "own cache":
+                if start_pos == 0:
+                    self.my_k, self.my_v = k, v
+                else:
+                    self.my_k, self.my_v = torch.cat([self.my_k, k], 2), torch.cat([self.my_v, v], 2)
+                k, v = self.my_k, self.my_v
+            elif self.cache is not None and mistake == "result not used":
+                self.cache.update(start_pos, k, v)
+            elif self.cache is not None and mistake == "written at 0":
+                k, v = self.cache.update(0, k, v)
+            elif self.cache is not None and mistake != "cache ignored":
+                k, v = self.cache.update(start_pos, k, v)
+            if mistake != "repeat before caching":
+                k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            S = k.shape[2]
+            scores = q @ k.transpose(-2, -1)
+            if mistake != "no scale":
+                scores = scores / math.sqrt(self.head_dim)
+            if mistake == "top-left":
+                allowed = torch.ones(T, S, dtype=torch.bool).tril()
+            elif mistake == "mask only without a cache" and self.cache is not None:
+                allowed = torch.ones(T, S, dtype=torch.bool)
+            else:
+                allowed = causal_mask(T, S)
+            y = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+    return MyAttention
+
+
+class SdpaIsCausalAttention(Attention):
+    """The common shortcut: SDPA with is_causal=True for any chunk of more than one token."""
+
+    def forward(self, x, cos, sin, start_pos=0):
+        B, T, _ = x.shape
+        q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class StubForward(learner_cached_attention()):
+    def forward(self, x, cos, sin, start_pos=0):
+        raise NotImplementedError("your code here")
+
+
+def rejection(candidate) -> str:
+    with pytest.raises(AssertionError) as e:
+        ex.check_cached_attention(candidate)
+    assert not isinstance(e.value, ex.NotAttempted), str(e.value)
+    return str(e.value)
+
+
+def test_the_utils_attention_and_a_learners_correct_version_pass():
+    assert ex.check_cached_attention(Attention) is None
+    assert ex.check_cached_attention(learner_cached_attention()) is None
+
+
+@pytest.mark.parametrize("mistake, words", [
+    ("cache ignored", "attended only over the new tokens"),
+    ("result not used", "attended only over the new tokens"),
+    ("written at 0", "attended only over the new tokens"),
+    ("top-left", "masked top-left (is_causal=True)"),
+    ("mask only without a cache", "no causal mask with the cache"),
+    ("own cache", "self.cache does not hold the keys"),
+    ("no scale", "without a cache (self.cache is None): scores not scaled"),
+])
+def test_the_checker_names_the_mistake(mistake, words):
+    message = rejection(learner_cached_attention(mistake))
+    assert words in message, message
+
+
+def test_is_causal_for_every_chunk_is_caught_at_the_chunk_after_cached_tokens():
+    message = rejection(SdpaIsCausalAttention)
+    assert message.startswith("masked top-left (is_causal=True)"), message
+    assert "start_pos=5, the cache holding positions 0 .. 4" in message
+
+
+def test_keys_repeated_before_caching_name_the_line_and_the_order():
+    message = rejection(learner_cached_attention("repeat before caching"))
+    assert "raised RuntimeError" in message and "self.cache.update" in message, message
+    assert "before repeat_kv: the cache holds n_kv_heads heads" in message
+
+
+def test_a_stub_is_not_attempted_and_run_check_never_raises(capsys):
+    with pytest.raises(ex.NotAttempted):
+        ex.check_cached_attention(StubForward)
+    assert ex.run_check(ex.check_cached_attention, StubForward) == "⏳ not attempted yet"
+    assert ex.run_check(ex.check_cached_attention, learner_cached_attention("top-left")).startswith("❌ masked")
+    assert capsys.readouterr().out.count("\n") == 2
+
+
+def _one_listed_mistake(message):
+    """A candidate whose cached outputs are exactly what the checker's own variant `message` computes."""
+    class OneMistake(Attention):
+        def forward(self, x, cos, sin, start_pos=0):
+            if self.cache is None:
+                return super().forward(x, cos, sin, start_pos)
+            self.seen = x if start_pos == 0 else torch.cat([self.seen, x], 1)
+            S = sum(ex.CACHED_CHUNKS[-1])
+            full = torch.cat([self.seen, self.seen.new_zeros(x.shape[0], S - self.seen.shape[1], x.shape[2])], 1)
+            i = [start for start, _ in ex.CACHED_CHUNKS].index(start_pos)
+            return ex._cached_attention_mistakes(self, full, *rope_cos_sin(self.head_dim, S))[message][i]
+    return OneMistake
+
+
+LISTED = list(ex._cached_attention_mistakes(Attention(8, 2, 1), torch.randn(1, 8, 8), *rope_cos_sin(4, 8)))
+
+
+@pytest.mark.parametrize("message", LISTED, ids=[m[:40] for m in LISTED])
+def test_every_listed_mistake_is_detected_and_named_by_its_own_message(message):
+    got = rejection(_one_listed_mistake(message))
+    assert got.startswith(message + " (input:"), got
+
+
+@pytest.mark.parametrize("checker, name", [
+    (ex.check_kv_cache, "MyKVCache"), (ex.check_causal_mask, "my_causal_mask"),
+    (ex.check_cached_attention, "MyAttention"), (ex.check_attention, "MyAttention"),
+])
+def test_the_lesson_03_solutions_pass(checker, name):
+    assert name in lesson_03.__all__
+    assert checker(getattr(lesson_03, name)) is None
