@@ -4,16 +4,21 @@ The wrong versions are written the way a learner would write them, independently
 own list of mistakes, so a test passes only if the diagnosis reaches code it has not seen.
 """
 
+import ast
 import json
 from contextlib import redirect_stdout
 from io import StringIO
 
 import pytest
 import torch
+from torch import nn
 
+from solutions import lesson_05
 from utils import exercises as ex
 from utils.course import ROOT
-from utils.model import Llama, count_params
+from utils.model import Llama, TransformerBlock, count_params
+from utils.norm import RMSNorm
+from utils.rope import rope_cos_sin
 
 
 def rejection(checker, candidate) -> str:
@@ -27,6 +32,74 @@ def rejection(checker, candidate) -> str:
 def stub(*args, **kwargs):
     """What the notebook's exercise cells hold until the learner fills them in."""
     raise NotImplementedError
+
+
+# ---- the whole model -----------------------------------------------------------------------------------
+
+def llama_learner(mistake=None):
+    """A learner's model, built from utils blocks; `mistake` picks one bug."""
+    class MyLlama(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+            if config.tie_embeddings and mistake != "untied":
+                self.output.weight = self.tok_embeddings.weight
+            theta = 10000.0 if mistake == "default theta" else config.rope_theta
+            self.cos, self.sin = rope_cos_sin(config.head_dim, config.max_seq_len, theta)
+
+        def forward(self, tokens, start_pos=0):
+            T = tokens.shape[1]
+            first = 0 if mistake in ("rope from 0", "start_pos ignored") else start_pos
+            cos, sin = self.cos[first:first + T], self.sin[first:first + T]
+            h = self.tok_embeddings(tokens)
+            if mistake == "scaled embeddings":
+                h = h * self.config.dim ** 0.5
+            for layer in self.layers:
+                h = layer(h, cos, sin, 0 if mistake in ("no start_pos to blocks", "start_pos ignored") else start_pos)
+            logits = self.output(h if mistake == "no final norm" else self.norm(h))
+            return logits.softmax(-1) if mistake == "softmax" else logits
+    return MyLlama
+
+
+class BlocksElsewhere(nn.Module):
+    """Right numbers, but the blocks in self.blocks: Meta-named weights cannot load."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.inner = llama_learner()(config)
+
+    def forward(self, tokens, start_pos=0):
+        return self.inner(tokens, start_pos)
+
+
+def test_llama_checker_accepts_the_reference_and_a_learners_model():
+    ex.check_llama(Llama)
+    ex.check_llama(llama_learner())
+    ex.check_llama(lesson_05.MyLlama)
+    assert ex.run_check(ex.check_llama, stub) == "⏳ not attempted yet"
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("no final norm", "the final norm is missing"),
+    ("softmax", "returned probabilities (softmax)"),
+    ("scaled embeddings", "embeddings scaled by sqrt(dim)"),
+    ("default theta", "RoPE tables built with theta 10000"),
+    ("rope from 0", "RoPE angles of positions 0 .. T - 1 for every chunk"),
+    ("no start_pos to blocks", "start_pos not passed to the blocks"),
+    ("start_pos ignored", "start_pos not passed to the blocks"),
+    ("untied", "has its own output matrix although config.tie_embeddings is set"),
+])
+def test_llama_checker_names_the_mistake(mistake, message):
+    assert message in ex.run_check(ex.check_llama, llama_learner(mistake))
+    assert message in rejection(ex.check_llama, llama_learner(mistake))
+
+
+def test_llama_checker_names_weights_that_cannot_load():
+    assert "not named like Meta's" in rejection(ex.check_llama, BlocksElsewhere)
 
 
 # ---- counting parameters -----------------------------------------------------------------------------
@@ -76,6 +149,7 @@ def count_from_parameters(config):
 def test_count_checker_accepts_the_reference_a_written_out_count_and_a_built_model():
     ex.check_count_params(count_params)
     ex.check_count_params(count_learner())
+    ex.check_count_params(lesson_05.my_count_params)
     ex.check_count_params(count_from_parameters)
     assert ex.run_check(ex.check_count_params, stub) == "⏳ not attempted yet"
 
@@ -134,6 +208,7 @@ def kv_from_a_model(config, batch_size, seq_len, bytes_per_element):
 
 def test_kv_checker_accepts_a_written_out_formula_and_a_model_allocation():
     ex.check_kv_cache_bytes(kv_learner())
+    ex.check_kv_cache_bytes(lesson_05.my_kv_cache_bytes)
     ex.check_kv_cache_bytes(kv_from_a_model)
     assert ex.run_check(ex.check_kv_cache_bytes, stub) == "⏳ not attempted yet"
 
@@ -159,20 +234,64 @@ def test_kv_checker_asks_for_a_number():
 
 # ---- the notebook's exercises with the solutions filled in --------------------------------------------
 
-def test_lesson_05_solutions_pass_every_check_in_the_notebook():
-    """Each exercise cell replaced by the solutions: every run_check cell prints passed."""
+def test_the_lesson_05_solutions_pass_every_check_in_the_notebook():
+    """Each exercise cell stubs names the solutions define; each check cell, run with the solutions, passes."""
     nb = json.loads((ROOT / "notebooks" / "05_full_model.ipynb").read_text())
     cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    first = next(i for i, c in enumerate(cells) if "from utils.exercises import" in "".join(c["source"]))
-    exercises = [c for c in cells[first:] if "exercise" in c["metadata"].get("tags", [])]
-    checks = [c for c in cells[first:] if "run_check(" in "".join(c["source"])]
+    exercises = [c for c in cells if "exercise" in c["metadata"].get("tags", [])]
+    checks = [c for c in cells if "run_check(" in "".join(c["source"])]
     assert len(exercises) >= 3 and len(checks) == len(exercises)
+    stubbed = {node.name for c in exercises for node in ast.parse("".join(c["source"])).body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert stubbed == set(lesson_05.__all__)
     for c in checks:  # the committed run leaves every exercise to the learner
         assert "not attempted yet" in "".join(o.get("text", "") for o in c["outputs"] if "text" in o)
-    namespace, printed = {}, StringIO()
+    namespace, printed = {**vars(ex), **{name: getattr(lesson_05, name) for name in lesson_05.__all__}}, StringIO()
     with redirect_stdout(printed):
-        for c in cells[first:]:
-            source = "from solutions.lesson_05 import *" if c in exercises else "".join(c["source"])
-            exec(compile(source, "<notebook cell>", "exec"), namespace)
+        for c in checks:
+            exec(compile("".join(c["source"]), "<notebook cell>", "exec"), namespace)
     results = [line for line in printed.getvalue().splitlines() if line[:1] in "✅⏳❌"]
     assert results == ["✅ passed"] * len(checks), printed.getvalue()
+
+
+# ---- every mistake a checker lists is reachable, and named by its own message ----------------------
+# A candidate that makes exactly one listed mistake (computed with the checker's own variant functions)
+# must get exactly that message: no listed mistake is dead code or shadowed by one listed before it.
+
+LLAMA = Llama(ex._llama_configs()[0])
+LLAMA_MISTAKES = ex._llama_mistakes(LLAMA, None) | ex._llama_cache_mistakes(LLAMA, None)
+
+
+def llama_like(message):
+    knobs = LLAMA_MISTAKES[message].keywords  # the checker's own knobs for this mistake
+
+    class OneMistake(Llama):
+        def forward(self, tokens, start_pos=0):
+            return ex._llama(self, tokens, start_pos, **knobs)
+    return OneMistake
+
+
+def count_like(message):
+    configs = ex._count_configs()
+    counts = ex._count_mistakes(configs)[message]()
+    return lambda config: counts[configs.index(config)]
+
+
+def kv_like(message):
+    cases = ex._kv_cases()
+    sizes = ex._kv_mistakes(cases)[message]()
+    return lambda config, B, T, n: sizes[cases.index((config, B, T, n))]
+
+
+OWN_MISTAKES = [
+    (ex.check_llama, list(LLAMA_MISTAKES), llama_like),
+    (ex.check_count_params, list(ex._count_mistakes(ex._count_configs())), count_like),
+    (ex.check_kv_cache_bytes, list(ex._kv_mistakes(ex._kv_cases())), kv_like),
+]
+OWN = [(checker, message, make) for checker, messages, make in OWN_MISTAKES for message in messages]
+
+
+@pytest.mark.parametrize("checker, message, make", OWN, ids=[f"{c.__name__}: {m[:50]}" for c, m, _ in OWN])
+def test_every_listed_mistake_is_detected_and_named_by_its_own_message(checker, message, make):
+    got = rejection(checker, make(message))
+    assert got.startswith(message + " (input:"), got

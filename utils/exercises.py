@@ -976,3 +976,127 @@ def check_kv_cache_bytes(fn: Callable) -> None:
     _compare(tuple(got), tuple(_kv_bytes(*case) for case in cases), " | ".join(labels), _kv_mistakes(cases),
              "2 (keys and values) * n_layers * batch_size * seq_len * n_kv_heads * head_dim * bytes_per_element",
              also=tuple(allocated), labels=labels)
+
+
+# The whole model: embeddings, blocks, final norm, output; RoPE positions from start_pos; tied weights.
+
+LLAMA_HINT = ("h = tok_embeddings(tokens); cos, sin = the rows start_pos .. start_pos + T - 1 of tables built with "
+              "config.rope_theta; h = layer(h, cos, sin, start_pos) for every layer in self.layers; return "
+              "output(norm(h)), the logits (B, T, vocab_size)")
+LLAMA_CHUNKS = [(0, 5), (5, 1), (6, 2)]  # (start_pos, T) with a KV cache: a prompt, a decode step, a chunk
+
+
+def _llama_configs() -> list:
+    # init_std 0.1: sharp attention and large logits, as in a trained model, so that mistakes show
+    return [LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=16,
+                        rope_theta=500000.0, init_std=0.1),
+            LlamaConfig(vocab_size=48, dim=24, n_layers=2, n_heads=3, hidden_dim=40, max_seq_len=16,
+                        tie_embeddings=True, init_std=0.1)]
+
+
+def _llama(ref, tokens, start_pos=0, rope_from="start_pos", layer_start_pos=True, final_norm=True, emb_scale=1.0,
+           probs=False, theta=None, layers="all"):
+    """Llama forward with the modules of ref (a utils Llama), written out, with knobs for the usual mistakes."""
+    c, T = ref.config, tokens.shape[1]
+    cos, sin = rope_cos_sin(c.head_dim, c.max_seq_len, theta or c.rope_theta)
+    first = start_pos if rope_from == "start_pos" else 0
+    cos, sin = cos[first:first + T], sin[first:first + T]
+    h = ref.tok_embeddings(tokens) * emb_scale
+    order = {"all": ref.layers, "first": ref.layers[:1], "last": ref.layers[-1:], "reversed": ref.layers[::-1]}
+    for layer in order[layers]:
+        h = layer(h, cos, sin, start_pos if layer_start_pos else 0)
+    logits = ref.output(ref.norm(h) if final_norm else h).float()
+    return logits.softmax(-1) if probs else logits
+
+
+def _llama_chunks(ref, tokens, **knobs) -> tuple:
+    """The logits of each chunk of LLAMA_CHUNKS, fed through fresh KV caches, with the knobs of `_llama`."""
+    ref.setup_cache(tokens.shape[0], ref.config.max_seq_len)
+    try:
+        return tuple(_llama(ref, tokens[:, s:s + T], s, **knobs) for s, T in LLAMA_CHUNKS)
+    finally:
+        ref.clear_cache()
+
+
+def _llama_mistakes(ref, tokens) -> dict:
+    c, llama = ref.config, partial(_llama, ref, tokens)
+    return {
+        "the final norm is missing: logits = output(norm(h)), after the last block": partial(llama, final_norm=False),
+        "returned probabilities (softmax): return the logits, cross_entropy and sampling take logits":
+            partial(llama, probs=True),
+        "embeddings scaled by sqrt(dim) (the original Transformer does; LLaMA does not): h = tok_embeddings(tokens)":
+            partial(llama, emb_scale=c.dim ** 0.5),
+        "RoPE tables built with theta 10000: use config.rope_theta (this model's is 500000, as in Llama 3)":
+            partial(llama, theta=10000.0),
+        "only the first block ran: h = layer(h, cos, sin, start_pos) for every layer, in order":
+            partial(llama, layers="first"),
+        "only the last block ran: h = layer(h, cos, sin, start_pos) for every layer, in order":
+            partial(llama, layers="last"),
+        "the blocks ran in reverse order: for layer in self.layers, first to last":
+            partial(llama, layers="reversed"),
+    }
+
+
+def _llama_cache_mistakes(ref, tokens) -> dict:
+    chunks = partial(_llama_chunks, ref, tokens)
+    return {
+        "RoPE angles of positions 0 .. T - 1 for every chunk: with a cache the new tokens sit at positions "
+        "start_pos .. start_pos + T - 1, so take rope_cos[start_pos:start_pos + T]": partial(chunks, rope_from=0),
+        # with start_pos 0 in the blocks, attention sees only the new tokens, and a shift of all their RoPE
+        # rows cancels out (scores depend on relative positions): the RoPE rows cannot be judged here
+        "start_pos not passed to the blocks: each layer writes its keys at start_pos, layer(h, cos, sin, start_pos) "
+        "(and take the RoPE rows rope_cos[start_pos:start_pos + T])": partial(chunks, layer_start_pos=False),
+    }
+
+
+def _llama_module(cls, config: LlamaConfig, ref: nn.Module, probe: dict) -> nn.Module:
+    """cls(config) with ref's weights loaded by name; tied weights and the blocks' place checked first."""
+    mine = _call(cls, dict(config=config))
+    if not isinstance(mine, nn.Module):
+        raise AssertionError(f"{_name(cls)} must subclass nn.Module: class {_name(cls)}(nn.Module)")
+    if not any(True for _ in mine.parameters()):
+        _call(mine, probe)  # an untouched stub stops here with NotAttempted
+    if config.tie_embeddings:
+        out, emb = (getattr(getattr(mine, m, None), "weight", None) for m in ("output", "tok_embeddings"))
+        if torch.is_tensor(out) and torch.is_tensor(emb) and out is not emb:
+            raise AssertionError(f"{_name(cls)} has its own output matrix although config.tie_embeddings is set: "
+                                 "share the embedding's, self.output.weight = self.tok_embeddings.weight")
+    problem = _weights_problem(mine, ref)
+    if problem:
+        raise AssertionError(f"{_name(cls)} {problem}")
+    mine.load_state_dict(ref.state_dict(), strict=False)
+    return mine.eval()
+
+
+@_seeded
+def check_llama(cls: type) -> None:
+    """cls(config); forward(tokens (B, T) int64, start_pos=0) -> logits (B, T, vocab_size), with Meta's names; the
+    blocks in self.layers, each with a utils Attention at .attention (the checker attaches KV caches to them)."""
+    from .model import Llama
+    for config in _llama_configs():
+        ref = Llama(config).eval()
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)  # non-trivial gains, so that a missing norm shows
+        tokens = torch.randint(0, config.vocab_size, (2, sum(LLAMA_CHUNKS[-1])))
+        inputs = dict(tokens=tokens, start_pos=0)
+        mine = _llama_module(cls, config, ref, inputs)
+        desc = f"{_shape(config)}, rope_theta {config.rope_theta:g}; {_describe(inputs)}"
+        _compare(_call(mine, inputs, LLAMA_HINT), ref(tokens), desc, _llama_mistakes(ref, tokens), LLAMA_HINT,
+                 also=_llama(ref, tokens))
+        attentions = [getattr(layer, "attention", None) for layer in getattr(mine, "layers", [])]
+        if not attentions or not all(hasattr(a, "cache") for a in attentions):
+            raise AssertionError(f"{_name(cls)} must keep its blocks in self.layers (an nn.ModuleList), each with "
+                                 "a utils Attention at .attention, so that a KV cache can be attached")
+        for a in attentions:
+            a.cache = KVCache(2, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        try:
+            got = tuple(_call(mine, dict(tokens=tokens[:, s:s + T], start_pos=s), LLAMA_HINT) for s, T in LLAMA_CHUNKS)
+        finally:
+            for a in attentions:
+                a.cache = None
+        chunks = ", ".join(f"tokens[:, {s}:{s + T}] at start_pos {s}" for s, T in LLAMA_CHUNKS)
+        whole = ref(tokens)  # the same positions without a cache, all at once
+        _compare(got, _llama_chunks(ref, tokens), f"{_shape(config)}; with KV caches: {chunks}",
+                 _llama_cache_mistakes(ref, tokens), LLAMA_HINT, also=tuple(whole[:, s:s + T] for s, T in LLAMA_CHUNKS),
+                 labels=[f"start_pos {s}" for s, _ in LLAMA_CHUNKS])
