@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.checking import rejection
 from utils import exercises as ex
 from utils.attention import Attention, KVCache, causal_mask, repeat_kv
 from utils.feedforward import FeedForward, swiglu_hidden_dim
@@ -27,14 +28,6 @@ REFERENCES = {
     ex.check_swiglu_hidden_dim: swiglu_hidden_dim, ex.check_feed_forward: FeedForward, ex.check_rmsnorm: RMSNorm,
     ex.check_block: TransformerBlock, ex.check_sample_next: sample_next,
 }
-
-
-def rejection(checker, candidate) -> str:
-    """The checker's message for a wrong candidate (which must not be reported as unattempted)."""
-    with pytest.raises(AssertionError) as e:
-        checker(candidate)
-    assert not isinstance(e.value, ex.NotAttempted), str(e.value)
-    return str(e.value)
 
 
 # ---- RoPE, as learners get it wrong ----------------------------------------------------------------

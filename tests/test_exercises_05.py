@@ -14,25 +14,12 @@ import torch
 from torch import nn
 
 from solutions import lesson_05
+from tests.checking import rejection, stub
 from utils import exercises as ex
 from utils.course import ROOT
 from utils.model import Llama, TransformerBlock, count_params
 from utils.norm import RMSNorm
 from utils.rope import rope_cos_sin
-
-
-def rejection(checker, candidate) -> str:
-    """The checker's message for a wrong candidate (which must not be reported as unattempted)."""
-    with pytest.raises(AssertionError) as e:
-        checker(candidate)
-    assert not isinstance(e.value, ex.NotAttempted), str(e.value)
-    return str(e.value)
-
-
-def stub(*args, **kwargs):
-    """What the notebook's exercise cells hold until the learner fills them in."""
-    raise NotImplementedError
-
 
 # ---- the whole model -----------------------------------------------------------------------------------
 

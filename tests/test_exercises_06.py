@@ -14,24 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.checking import rejection, stub
 from utils import exercises as ex
 from utils.course import ROOT
 from utils.data import windows_at
 from utils.train import TrainConfig, lr_at
-
-
-def rejection(checker, candidate) -> str:
-    """The checker's message for a wrong candidate (which must not be reported as unattempted)."""
-    with pytest.raises(AssertionError) as e:
-        checker(candidate)
-    assert not isinstance(e.value, ex.NotAttempted), str(e.value)
-    return str(e.value)
-
-
-def stub(*args, **kwargs):
-    """What the notebook's exercise cells hold until the learner fills them in."""
-    raise NotImplementedError
-
 
 # ---- cross-entropy -----------------------------------------------------------------------------------
 
