@@ -623,7 +623,10 @@ def train(cfg: TrainConfig, *, data: TokenData | None = None, resume: bool = Fal
     a second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint stays intact).
     """
     try:
-        return Trainer(cfg, data=data, resume=resume, overwrite=overwrite, callback=callback).run()
+        metrics = Trainer(cfg, data=data, resume=resume, overwrite=overwrite, callback=callback).run()
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the process group down while another still uses it
+        return metrics
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
