@@ -25,3 +25,5 @@ echo "== default recipe (CPU defaults) on the GPU"
 timeout 120 $PY -m utils train --no-progress --out /tmp/default --overwrite && cp /tmp/default/metrics.json "$OUT/default_gpu.json"
 echo "== speed"
 timeout 150 $PY benchmarks/speed.py --device cuda --dtype bf16 --dim 1024 --n-layers 12 --n-heads 16 --n-kv-heads 4 --vocab-size 32000 --batch 8 --seq 1024
+echo "== batch-1 decode: eager, compiled (CUDA graphs), HF; 135M shape, bf16"
+timeout 200 $PY benchmarks/decode.py --device cuda --shape 135M --dtype bf16 --tokens 128 2>&1 | grep -v Warn

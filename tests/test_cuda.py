@@ -92,3 +92,13 @@ def test_compiled_training_saves_a_plain_checkpoint(tmp_path, corpus):
     model, tok = load_model(tmp_path / "run", device="cuda")
     out = generate(model, torch.tensor([[0]], device=CUDA), 10, temperature=0)
     assert out.shape == (1, 11)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_on_cuda():
+    """utils/decode.py on a GPU: torch.compile(mode="reduce-overhead") replays one CUDA graph per token."""
+    torch.manual_seed(0)
+    model = Llama(get_config("smoke", vocab_size=97, max_seq_len=256)).to(CUDA).eval()
+    prompt = torch.randint(0, 97, (1, 9), device=CUDA)
+    eager = generate(model, prompt, 60, temperature=0)
+    assert torch.equal(generate(model, prompt, 60, temperature=0, compile=True), eager)
+    assert torch.equal(generate(model, prompt, 50, temperature=0, compile=True), eager[:, :59])  # graph replayed

@@ -70,6 +70,9 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first token waits for the "
+                        "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
     add_chat_parser(sub)  # utils/chat.py
     r = sub.add_parser("report", help="one markdown table row per run folder, from its metrics.json", parents=[common])
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `train`")
@@ -194,7 +197,7 @@ def run_generate(args) -> int:
     shown = tok.decode(context) if context else ""
     stops = getattr(tok, "eos_ids", None) or ({tok.eot_id} if tok.eot_id is not None else None)  # GGUF: several
     for token in stream(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        stop_token=stops, generator=gen):
+                        stop_token=stops, generator=gen, compile=args.compile):
         if stops and token.item() in stops:
             break
         new.append(token.item())

@@ -141,7 +141,8 @@ def stream_reply(model, tokenizer, ids: list[int], stops: set[int], args, genera
     new: list[int] = []
     shown = ""
     for token in stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_token=stops or None, generator=generator):
+                        top_p=args.top_p, stop_token=stops or None, generator=generator,
+                        compile=getattr(args, "compile", False)):
         if token.item() in stops:
             break
         new.append(token.item())
@@ -180,6 +181,9 @@ def add_chat_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
+    c.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first reply waits for the "
+                        "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
     return c
 
 

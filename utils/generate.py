@@ -4,6 +4,7 @@ from collections.abc import Collection, Iterator
 
 import torch
 
+from .decode import attach_cache, compiled_decode_step
 from .model import Llama, check_tokens
 
 
@@ -54,7 +55,7 @@ def _check_args(model: Llama, prompt: torch.Tensor, max_new_tokens: int, tempera
 def stream(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
            stop_token: int | Collection[int] | None = None,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), as soon as it is sampled.
 
     With the cache the prompt is processed once (prefill), then each step feeds one token
@@ -62,37 +63,54 @@ def stream(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperatu
     Stops early once every row has produced `stop_token` (one id, or several such as a chat model's
     eos and <|im_end|>); finished rows keep emitting the stop token they produced.
     With use_cache, it allocates the model's caches for this call and frees them at the end.
+    compile=True decodes with utils/decode.py's compiled step (same tokens; compiling takes seconds
+    to a minute the first time, then each token is faster); it keeps one cache for the next call.
     Arguments are checked here, before the first token, not when iteration starts.
     """
     _check_args(model, prompt, max_new_tokens, temperature, top_k, top_p)
-    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token, generator)
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
+    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token, generator,
+                   compile)
 
 
 @torch.inference_mode()
-def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token, generator):
+def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token, generator,
+            compile=False):
     was_training = model.training
     model.eval()
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     stop_ids = None if stop_token is None else torch.tensor(
         [stop_token] if isinstance(stop_token, int) else sorted(stop_token), dtype=torch.long, device=prompt.device)
-    if use_cache:
+    step = None
+    if compile:
+        step = compiled_decode_step(model)
+        attach_cache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    elif use_cache:
         model.setup_cache(prompt.shape[0], max_seq_len=prompt.shape[1] + max_new_tokens)
     try:
         logits = model(prompt)[:, -1] if use_cache else None
-        for _ in range(max_new_tokens):
+        last = prompt[:, -1]
+        for i in range(max_new_tokens):
             if not use_cache:
                 logits = model(seq)[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if stop_ids is not None:
-                nxt = torch.where(done, seq[:, -1], nxt)  # a finished row repeats its stop token
+                nxt = torch.where(done, last, nxt)  # a finished row repeats its stop token
                 done |= torch.isin(nxt, stop_ids)
             yield nxt
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            if done.all():
+            last, pos = nxt, prompt.shape[1] + i  # nxt sits at position pos
+            if not use_cache:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if stop_ids is not None and done.all():
                 break
-            if use_cache and seq.shape[1] < prompt.shape[1] + max_new_tokens:  # no forward after the last token
-                logits = model(nxt[:, None], start_pos=seq.shape[1] - 1)[:, -1]
+            if use_cache and i + 1 < max_new_tokens:  # no forward after the last token
+                if step is not None:  # the same logits with fixed shapes (utils/decode.py)
+                    with torch.compiler.set_stance(skip_guard_eval_unsafe=i > 0):  # shapes as in step 0
+                        logits = step(model, nxt[:, None], torch.tensor([pos], device=nxt.device))
+                else:
+                    logits = model(nxt[:, None], start_pos=pos)[:, -1]
     finally:
         if use_cache:
             model.clear_cache()
@@ -102,8 +120,8 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache,
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
              stop_token: int | Collection[int] | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
     """Continue prompt (B, T) -> (B, T + n), n = max_new_tokens unless every row hit a stop token sooner."""
     new = list(stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      use_cache=use_cache, stop_token=stop_token, generator=generator))
+                      use_cache=use_cache, stop_token=stop_token, generator=generator, compile=compile))
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
