@@ -4,8 +4,8 @@ Each PyTorch operator's own time is put in a bucket (matmuls, attention, the sma
 of norms/RoPE/SwiGLU/residuals, the optimizer, the compiled graph when there is one); what the
 operators do not account for is Python and dispatch overhead: wall time minus their sum.
 
-    python benchmarks/profile.py                 # decode (plain and compiled), 11M shape, fp32
-    python benchmarks/profile.py --train         # training step, nanoGPT-CPU shape and 11M shape
+    python benchmarks/profile_steps.py                 # decode (plain and compiled), 11M shape, fp32
+    python benchmarks/profile_steps.py --train         # training step, nanoGPT-CPU shape and 11M shape
 """
 
 import argparse
