@@ -124,6 +124,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
+    gbs = bandwidth_gbs(device)  # first, before the models fill the memory
     if args.gguf:
         model = load_pretrained(args.gguf, dtype=dtype, max_seq_len=1024, device=device)
     else:
@@ -154,7 +155,6 @@ def main() -> None:
             sync(device)
             times[k].append(time.perf_counter() - t)
     speed = {k: n / statistics.median(v) for k, v in times.items()}
-    gbs = bandwidth_gbs(device)
     limit = gbs * 1e9 / weight_bytes
     print(f"\nmemory limit: {gbs:.0f} GB/s (a 1 GiB sum) / {weight_bytes / 2**20:.0f} MiB = {limit:.0f} tokens/s")
     print(f"\n| path | tokens/s | of bare matvecs | of memory limit ({limit:.0f} tok/s) | vs HF |")

@@ -6,6 +6,7 @@ operators do not account for is Python and dispatch overhead: wall time minus th
 
     python benchmarks/profile_steps.py                 # decode (plain and compiled), 11M shape, fp32
     python benchmarks/profile_steps.py --train         # training step, nanoGPT-CPU shape and 11M shape
+    python benchmarks/profile_steps.py --train --keep-freed-memory   # as the trainer runs on a CPU
 """
 
 import argparse
@@ -18,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.decode import attach_cache, compiled_decode_step  # noqa: E402
+from utils.decode import attach_cache, fast_decode_step  # noqa: E402
+from utils.device import keep_freed_memory  # noqa: E402
 from utils.model import Llama, LlamaConfig  # noqa: E402
 
 BUCKETS = [  # (bucket, substrings of operator names), first match wins
@@ -68,7 +70,7 @@ def decode(shape: str, dtype: torch.dtype) -> None:
         pos = iter(range(128, 10**9))
         bucket_table(lambda: model(token, start_pos=next(pos) % 200 + 50)[:, -1].argmax(-1), 100,
                      f"decode step, plain forward ({shape}, {dtype})")
-        step = compiled_decode_step(model)
+        step = fast_decode_step(model)
         step(model, token, torch.tensor([128]))
         bucket_table(lambda: step(model, token, torch.tensor([next(pos) % 200 + 50])).argmax(-1), 100,
                      f"decode step, compiled (utils/decode.py; {shape}, {dtype})")
@@ -95,9 +97,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="profile training steps instead of decode steps")
     p.add_argument("--shape", choices=SHAPES, default=None)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: weights (decode), autocast (train)")
+    p.add_argument("--keep-freed-memory", action="store_true", help="utils.device.keep_freed_memory() first")
     args = p.parse_args()
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    kept = args.keep_freed_memory and keep_freed_memory()
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, freed memory kept by glibc: {kept}")
     if args.train:
         for shape in [args.shape] if args.shape else list(SHAPES):
             train(shape, autocast=args.dtype == "bf16")

@@ -11,6 +11,8 @@
 """
 
 import argparse
+import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -31,13 +33,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_step_fn(model, opt, tokens, hf: bool):
-    """A closure running one fwd + bwd + optimizer step on `tokens` (B, T+1)."""
+def train_step_fn(model, opt, tokens, hf: bool, autocast=None):
+    """A closure running one fwd + bwd + optimizer step on `tokens` (B, T+1), under `autocast` if given."""
     x, y = tokens[:, :-1], tokens[:, 1:]
+    autocast = autocast or contextlib.nullcontext
 
     def step():
-        logits = model(input_ids=x).logits if hf else model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        with autocast():
+            logits = model(input_ids=x).logits if hf else model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -59,7 +63,10 @@ def time_alternating(fns: dict, repeats: int, device) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_training(cfg: LlamaConfig, batch: int, seq: int, device, dtype, repeats: int) -> None:
+def bench_training(cfg: LlamaConfig, batch: int, seq: int, device, dtype, repeats: int,
+                   autocast: torch.dtype | None = None) -> None:
+    """dtype: the weights' dtype; autocast: also run the step under torch.autocast(autocast), as the trainer
+    does when it picks bf16 (fp32 weights, bf16 matmuls)."""
     import transformers
 
     hf_cfg = transformers.LlamaConfig(
@@ -72,16 +79,18 @@ def bench_training(cfg: LlamaConfig, batch: int, seq: int, device, dtype, repeat
     ours = from_hf(hf).train()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     fused = device.type in ("cuda", "cpu")
+    amp = functools.partial(torch.autocast, device.type, dtype=autocast) if autocast else None
     fns = {
-        "ours": train_step_fn(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=fused), tokens, False),
-        "hf": train_step_fn(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=fused), tokens, True),
+        "ours": train_step_fn(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=fused), tokens, False, amp),
+        "hf": train_step_fn(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=fused), tokens, True, amp),
     }
     t = time_alternating(fns, repeats, device)
     n = batch * seq
     print("| training step | tokens/s | ms/step |\n|---|---|---|")
     for k, v in t.items():
         print(f"| {k} | {n / v:,.0f} | {v * 1e3:.1f} |")
-    print(f"\nours / HF tokens per second: **{t['hf'] / t['ours']:.2f}x** (batch {batch}, seq {seq})\n")
+    how = f"{dtype} weights" + (f", {autocast} autocast" if autocast else "")
+    print(f"\nours / HF tokens per second: **{t['hf'] / t['ours']:.2f}x** (batch {batch}, seq {seq}, {how})\n")
 
 
 def bandwidth_gbs(device, n_bytes: int = 256 * 2**20) -> float:
@@ -121,6 +130,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
+                   help="fp32 weights, matmuls under torch.autocast in this dtype (what the trainer does)")
+    p.add_argument("--no-decode", dest="decode", action="store_false", help="training only")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=6)
     p.add_argument("--n-heads", type=int, default=8)
@@ -136,8 +148,10 @@ def main() -> None:
     cfg = LlamaConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                       n_kv_heads=args.n_kv_heads, max_seq_len=max(args.seq, args.new_tokens + 16))
     print(f"device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, shape {cfg}\n")
-    bench_training(cfg, args.batch, args.seq, device, dtype, args.repeats)
-    bench_decode(cfg, args.new_tokens, device, dtype)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
+    bench_training(cfg, args.batch, args.seq, device, dtype, args.repeats, amp)
+    if args.decode:
+        bench_decode(cfg, args.new_tokens, device, dtype)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_compiled_training_saves_a_plain_checkpoint(tmp_path, corpus):
     assert out.shape == (1, 11)
 
 
-def test_compiled_decode_step_gives_the_eager_tokens_on_cuda():
+def test_fast_decode_step_gives_the_eager_tokens_on_cuda():
     """utils/decode.py on a GPU: torch.compile(mode="reduce-overhead") replays one CUDA graph per token."""
     torch.manual_seed(0)
     model = Llama(get_config("smoke", vocab_size=97, max_seq_len=256)).to(CUDA).eval()

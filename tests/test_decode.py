@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils.decode import attach_cache, cache_length, compiled_decode_step, decode_step
+from utils.decode import attach_cache, cache_length, fast_decode_step, decode_step
 from utils.generate import generate
 from utils.model import Llama, LlamaConfig
 
@@ -64,10 +64,10 @@ def test_compiled_decoding_gives_the_plain_tokens_and_follows_new_weights():
     assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), plain)
     assert torch.equal(generate(model, prompt, 25, temperature=0, compile=True), plain[:, :32])  # no recompile
     assert all(layer.attention.cache is None for layer in model.layers)  # the model is left as it was found
-    first = compiled_decode_step(model)
+    first = fast_decode_step(model)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # as an optimizer step would: same tensors, new values
     plain = generate(model, prompt, 30, temperature=0)
-    assert compiled_decode_step(model) is not first
+    assert fast_decode_step(model) is not first
     assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), plain)

@@ -7,6 +7,7 @@ The model, in lesson order:
     norm         RMSNorm (04)
     model        LlamaConfig, TransformerBlock, Llama; presets and parameter counts (05)
     generate     greedy, temperature, top-k, top-p sampling, with or without the cache (03, 06)
+    decode       speed: the decode step with fixed shapes, compiled (generate(..., compile=True), --compile)
 
 Training your own (06):
     tokenizer    char, a byte-level BPE trained on your text, tiktoken's encodings; tokenizers of other checkpoints
@@ -20,7 +21,12 @@ Weights in and out (05, 06):
     hf           Hugging Face transformers checkpoints, `from_hf`, `save_hf`
     meta         Meta's consolidated.NN.pth shards
     llama2c      karpathy/llama2.c .pt and .bin files
+    gguf         llama.cpp's GGUF files: the model, its tokenizer and chat template
     files        atomic writes: a crash never leaves half a file; one training process per run folder
 
-And: course (the GitHub address the notebooks' badges point to); `python -m utils` is the command line.
+Around the lessons:
+    chat         a chat with an instruction-tuned model through its chat template (`python -m utils chat`)
+    exercises    the checkers that grade the lessons' exercises and name the mistake
+    report       one markdown table row per training run (`python -m utils report`)
+    course       the GitHub address the notebooks' badges point to; `python -m utils` is the command line
 """

@@ -79,12 +79,13 @@ def attach_cache(model, batch_size: int, needed: int) -> None:
         layer.attention.cache = cache
 
 
-def compiled_decode_step(model):
+def fast_decode_step(model):
     """`decode_step` compiled for the model's device, built once per model and set of weights.
 
     CPU: freezing treats the weights as constants (packed for MKL/oneDNN), so the compiled step is
     rebuilt when they change (new tensors, or updated in place by an optimizer). The first call of each
     cache size compiles: seconds for a small model, about a minute for a 30-layer one on 2 CPU cores.
+    The packed weights are a second copy: SmolLM2-135M in fp32 went from 836 to 1,941 MiB resident.
     """
     weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
     built = getattr(model, "_compiled_decode", None)

@@ -4,7 +4,7 @@ from collections.abc import Collection, Iterator
 
 import torch
 
-from .decode import attach_cache, compiled_decode_step
+from .decode import attach_cache, fast_decode_step
 from .model import Llama, check_tokens
 
 
@@ -85,7 +85,7 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache,
         [stop_token] if isinstance(stop_token, int) else sorted(stop_token), dtype=torch.long, device=prompt.device)
     step = None
     if compile:
-        step = compiled_decode_step(model)
+        step = fast_decode_step(model)
         attach_cache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens)
     elif use_cache:
         model.setup_cache(prompt.shape[0], max_seq_len=prompt.shape[1] + max_new_tokens)
