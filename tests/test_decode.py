@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils.decode import attach_cache, cache_length, fast_decode_step, decode_step
+from utils.decode import attach_cache, cache_length, decode_step, fast_decode_step
 from utils.generate import generate
 from utils.model import Llama, LlamaConfig
 
