@@ -129,6 +129,8 @@ def test_cli_trains_end_to_end_then_generates_with_a_seed(tmp_path, corpus):
     c = cli(*args[:-1], "4")
     assert a.stdout.startswith("ROMEO:") and len(a.stdout) > len("ROMEO:")
     assert a.stdout == b.stdout and a.stdout != c.stdout
+    greedy, compiled = cli(*args, "--temperature", "0"), cli(*args, "--temperature", "0", "--compile")
+    assert compiled.stdout == greedy.stdout and "compiling the decode step" in compiled.stderr
     # generating text never imports the trainer (nor its DDP and optimizer machinery)
     probe = ("import runpy, sys; sys.argv = ['utils', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('utils', run_name='__main__')\nexcept SystemExit:\n    pass\n"

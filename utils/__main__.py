@@ -189,6 +189,9 @@ def run_generate(args) -> int:
     n = new_tokens(args.max_new_tokens, model.config.max_seq_len, len(ids))
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    if args.compile:
+        from .decode import compile_note
+        print(compile_note(model), file=sys.stderr)
     print(args.prompt, end="", flush=True)
     # Decode prompt + new tokens together and print what is new: SentencePiece drops the leading
     # space of a sequence's first piece, so decoding the new tokens alone would glue words together.

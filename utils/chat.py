@@ -221,6 +221,9 @@ def _converse(model, tokenizer, template: str, special: dict[str, str], args, de
     messages = [{"role": "system", "content": args.system}] if args.system else []
     count = lambda msgs: len(encode_prompt(tokenizer, render_chat(template, msgs, **special), special["bos_token"]))
     budget = model.config.max_seq_len - args.max_new_tokens
+    if getattr(args, "compile", False):
+        from .decode import compile_note
+        print(compile_note(model), file=sys.stderr)
     if args.message is None:
         print(f"chatting with {args.checkpoint}: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
     while True:

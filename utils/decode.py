@@ -52,6 +52,13 @@ def attend(attn, x: torch.Tensor, cos, sin, pos: torch.Tensor, visible: torch.Te
     return attn.wo(y.transpose(1, 2).reshape(B, 1, -1))
 
 
+def compile_note(model) -> str:
+    """What `--compile` costs, for the command line to say before the wait begins."""
+    n, device = model.config.n_layers, model.output.weight.device.type
+    return (f"compiling the decode step for {device} ({n} layers): the first tokens wait for it, about a minute "
+            "for 30 layers on 2 CPU cores, and again for each new cache size (powers of two from 256)")
+
+
 def cache_length(needed: int, max_seq_len: int) -> int:
     """Cache size for a compiled step: the next power of two >= needed (at least 256, at most max_seq_len).
 
