@@ -71,3 +71,14 @@ def test_compiled_decoding_gives_the_plain_tokens_and_follows_new_weights():
     plain = generate(model, prompt, 30, temperature=0)
     assert fast_decode_step(model) is not first
     assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), plain)
+
+
+def test_two_models_of_one_shape_each_decode_with_their_own_weights():
+    """The compiled step is one function for every model; frozen weights must never leak from one to another."""
+    a, b = tiny(seed=0), tiny(seed=1)
+    prompt = torch.randint(0, 97, (1, 5))
+    plain = [generate(m, prompt, 20, temperature=0) for m in (a, b)]
+    assert not torch.equal(*plain)
+    for _ in range(2):  # alternating, after both are compiled
+        assert torch.equal(generate(a, prompt, 20, temperature=0, compile=True), plain[0])
+        assert torch.equal(generate(b, prompt, 20, temperature=0, compile=True), plain[1])
