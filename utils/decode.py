@@ -16,6 +16,8 @@ mask hiding the positions not written yet. Nothing depends on the step any more,
 the plain one. `generate(..., compile=True)` and `--compile` on the CLI use this file.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -116,7 +118,16 @@ def frozen(compiled):
     which happens at its first call (torch.compile's `options=` does not reach freezing)."""
     from torch._inductor import config
 
+    wanted = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}
+    settings = {k: v for k, v in wanted.items() if k in config.get_config_copy()}  # older torch lacks some
+
     def run(*args):
-        with config.patch(freezing=True, cpp_wrapper=True, **{"cpp.enable_concat_linear": True}):
+        with config.patch(settings):
             return compiled(*args)
     return run
+
+
+def same_shapes_as_before(skip: bool):
+    """Skip torch.compile's guard checks on calls whose shapes are those of the call before (torch >= 2.6)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance(skip_guard_eval_unsafe=skip) if set_stance is not None else contextlib.nullcontext()

@@ -4,7 +4,7 @@ from collections.abc import Collection, Iterator
 
 import torch
 
-from .decode import attach_cache, fast_decode_step
+from .decode import attach_cache, fast_decode_step, same_shapes_as_before
 from .model import Llama, check_tokens
 
 
@@ -107,7 +107,7 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, use_cache,
                 break
             if use_cache and i + 1 < max_new_tokens:  # no forward after the last token
                 if step is not None:  # the same logits with fixed shapes (utils/decode.py)
-                    with torch.compiler.set_stance(skip_guard_eval_unsafe=i > 0):  # shapes as in step 0
+                    with same_shapes_as_before(i > 0):  # no guard checks after step 0: same shapes
                         logits = step(model, nxt[:, None], torch.tensor([pos], device=nxt.device))
                 else:
                     logits = model(nxt[:, None], start_pos=pos)[:, -1]
