@@ -15,7 +15,6 @@ so load on a shared machine hits them alike, and the table gives the median of t
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from speed import bandwidth_gbs, time_alternating  # noqa: E402  (benchmarks/speed.py)
 
 from utils.checkpoints import load_pretrained  # noqa: E402
 from utils.generate import generate  # noqa: E402
@@ -35,24 +36,6 @@ SHAPES = {  # the 11M preset's shape, and SmolLM2-135M's (tied embeddings, GQA 9
     "135M": LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
                         tie_embeddings=True, max_seq_len=1024),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def bandwidth_gbs(device: torch.device, n_bytes: int = 1024 * 2**20) -> float:
-    """Read bandwidth of this machine: median of 7 sums over a buffer far larger than the caches."""
-    x = torch.ones(n_bytes // 4, device=device)
-    times = []
-    for _ in range(8):
-        sync(device)
-        t = time.perf_counter()
-        x.sum()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return n_bytes / statistics.median(times[1:]) / 1e9
 
 
 def matrices(model: Llama) -> list[torch.Tensor]:
@@ -146,15 +129,7 @@ def main() -> None:
         hf = hf_twin(model)
         runs["Hugging Face"] = lambda: hf_decode(hf, prompt, n)
     outputs = {k: fn() for k, fn in runs.items()}  # warm-up, and the tokens to compare
-    times = {k: [] for k in runs}
-    for _ in range(args.rounds):
-        for k, fn in runs.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t)
-    speed = {k: n / statistics.median(v) for k, v in times.items()}
+    speed = {k: n / v for k, v in time_alternating(runs, args.rounds, device, warmup=False).items()}
     limit = gbs * 1e9 / weight_bytes
     print(f"\nmemory limit: {gbs:.0f} GB/s (a 1 GiB sum) / {weight_bytes / 2**20:.0f} MiB = {limit:.0f} tokens/s")
     print(f"\n| path | tokens/s | of bare matvecs | of memory limit ({limit:.0f} tok/s) | vs HF |")

@@ -48,10 +48,10 @@ def train_step_fn(model, opt, tokens, hf: bool, autocast=None):
     return step
 
 
-def time_alternating(fns: dict, repeats: int, device) -> dict:
+def time_alternating(fns: dict, repeats: int, device, warmup: bool = True) -> dict:
     """Median seconds per call of each fn, calls interleaved so noise hits all of them alike."""
     times = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up
+    for fn in fns.values() if warmup else ():
         fn()
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -93,16 +93,17 @@ def bench_training(cfg: LlamaConfig, batch: int, seq: int, device, dtype, repeat
     print(f"\nours / HF tokens per second: **{t['hf'] / t['ours']:.2f}x** (batch {batch}, seq {seq}, {how})\n")
 
 
-def bandwidth_gbs(device, n_bytes: int = 256 * 2**20) -> float:
-    """Measured read bandwidth: a large sum, which reads every byte once."""
+def bandwidth_gbs(device, n_bytes: int = 1024 * 2**20) -> float:
+    """Read bandwidth of this machine: median of 7 sums over a buffer far larger than the caches."""
     x = torch.ones(n_bytes // 4, device=device)
-    x.sum()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(5):
+    times = []
+    for _ in range(8):
+        sync(device)
+        t = time.perf_counter()
         x.sum()
-    sync(device)
-    return 5 * n_bytes / (time.perf_counter() - t) / 1e9
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return n_bytes / statistics.median(times[1:]) / 1e9
 
 
 def bench_decode(cfg: LlamaConfig, new_tokens: int, device, dtype) -> None:

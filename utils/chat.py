@@ -142,7 +142,7 @@ def stream_reply(model, tokenizer, ids: list[int], stops: set[int], args, genera
     shown = ""
     for token in stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_token=stops or None, generator=generator,
-                        compile=getattr(args, "compile", False)):
+                        compile=args.compile):
         if token.item() in stops:
             break
         new.append(token.item())
@@ -221,7 +221,7 @@ def _converse(model, tokenizer, template: str, special: dict[str, str], args, de
     messages = [{"role": "system", "content": args.system}] if args.system else []
     count = lambda msgs: len(encode_prompt(tokenizer, render_chat(template, msgs, **special), special["bos_token"]))
     budget = model.config.max_seq_len - args.max_new_tokens
-    if getattr(args, "compile", False):
+    if args.compile:
         from .decode import compile_note
         print(compile_note(model), file=sys.stderr)
     if args.message is None:
