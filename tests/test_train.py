@@ -182,8 +182,8 @@ applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 torch.manual_seed(0)
 model = Llama(LlamaConfig(vocab_size=65, dim=128, n_layers=2, n_heads=4, max_seq_len=64))
 tokens = torch.randint(0, 65, (12, 65))
-for step in range(7):
-    if step == 2:  # after two warm-up steps
+for step in range(13):
+    if step == 3:  # after three warm-up steps, ten measured
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -199,5 +199,6 @@ def test_keep_freed_memory_stops_page_faults_on_each_training_step():
         applied, faults = out.stdout.split()
         runs[mode] = (applied, int(faults))
     assert runs["keep"][0] == "True"
-    assert runs["default"][1] > 2000, runs  # freed blocks go back to the OS and fault in again (6-10k here)
-    assert runs["keep"][1] < runs["default"][1] / 10, runs
+    # glibc's default: the faults grow with the steps (9-20k here in ten); kept: 200-1,000 once, whatever the steps
+    assert runs["default"][1] > 4000, runs
+    assert runs["keep"][1] < runs["default"][1] / 4, runs
