@@ -15,7 +15,7 @@ from torch import nn
 from .attention import Attention, KVCache
 from .feedforward import FeedForward, swiglu_hidden_dim
 from .norm import RMSNorm
-from .rope import rope_cos_sin
+from .rope import RopeScaling, rope_cos_sin
 
 
 @dataclass
@@ -30,6 +30,7 @@ class LlamaConfig:
     ffn_dim_multiplier: float | None = None # scales the SwiGLU width before rounding (Llama 2 70B: 1.3)
     norm_eps: float = 1e-5                  # RMSNorm epsilon
     rope_theta: float = 10000.0             # RoPE base (Llama 2: 10000, Llama 3: 500000)
+    rope_scaling: RopeScaling | None = None # Llama 3.1+: the slow RoPE frequencies slowed (None: plain RoPE)
     max_seq_len: int = 2048                 # longest context, in tokens
     dropout: float = 0.0                    # dropout on attention and residual branches
     tie_embeddings: bool = False            # share tok_embeddings and output weights
@@ -40,6 +41,8 @@ class LlamaConfig:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if isinstance(self.rope_scaling, dict):  # as to_dict() wrote it into a checkpoint
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         self.validate()
 
     def validate(self) -> None:
@@ -85,7 +88,8 @@ class Llama(nn.Module):
         # RoPE tables: plain float32 tensors, not buffers, so model.to(bfloat16) cannot round them (bf16
         # angles at position 4000 would be off by whole radians) and checkpoints hold only learned
         # weights. Meta keeps its freqs_cis the same way; forward moves them to the input's device.
-        self.rope_cos, self.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta, "cpu")
+        self.rope_cos, self.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta, "cpu",
+                                                    scaling=config.rope_scaling)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -176,12 +180,25 @@ def check_config(c: LlamaConfig) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout}")
 
 
-# Named shapes. "llama2-7b" is for counting (6.7B parameters); the small ones train on a CPU.
+# Named shapes. The Llama 2 and 3 ones are for counting (llama2-7b: 6.7B parameters); the small ones train on a CPU.
 PRESETS: dict[str, LlamaConfig] = {
     "llama2-7b": LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
     "llama2-13b": LlamaConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
     "llama2-70b": LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                               ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
+    # Llama 3: 128k vocabulary, 8 K/V heads at every size, theta 500000; 3.1 and 3.2 scale RoPE to a
+    # 128k context (3.2's factor 32 is its Hugging Face config's); 3.2 ties the embeddings
+    "llama3-8b": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+                             ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+                               ffn_dim_multiplier=1.3, rope_theta=500000.0, rope_scaling=RopeScaling(factor=8.0),
+                               max_seq_len=131072),
+    "llama3.2-1b": LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                               ffn_dim_multiplier=1.5, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0),
+                               max_seq_len=131072, tie_embeddings=True),
+    "llama3.2-3b": LlamaConfig(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
+                               ffn_dim_multiplier=1.0, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0),
+                               max_seq_len=131072, tie_embeddings=True),
     "tinyllama-1.1b": LlamaConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                                   hidden_dim=5632, max_seq_len=2048),
     "smoke": LlamaConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
