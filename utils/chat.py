@@ -82,7 +82,8 @@ def load_chat_template(path: str | Path, tokenizer) -> tuple[str | None, dict[st
     """The model's chat template and the special tokens it prints, or (None, {}) if it has none.
 
     A GGUF's template came with its tokenizer (GGUFTokenizer.chat_template); an HF folder or hub id has it
-    in tokenizer_config.json or chat_template.jinja.
+    in tokenizer_config.json or chat_template.jinja. A model with none of its own whose vocabulary has Llama 3's
+    header tokens (Meta's checkpoints) gets Llama 3's format (`default_chat_template`).
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template, {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
@@ -90,9 +91,27 @@ def load_chat_template(path: str | Path, tokenizer) -> tuple[str | None, dict[st
 
     fmt = detect_format(path)
     if fmt == "gguf":
-        return None, {}
+        return default_chat_template(tokenizer)
     directory = download_hub(str(path)) if fmt == "hub" else Path(path)
-    return hf_chat_template(directory if directory.is_dir() else directory.parent)
+    template, special = hf_chat_template(directory if directory.is_dir() else directory.parent)
+    return (template, special) if template else default_chat_template(tokenizer)
+
+
+# Meta's Llama 3 chat format (llama-models' ChatFormat): each message is a header naming its role, a blank line,
+# the text, <|eot_id|>; the prompt ends with the assistant's header. Meta's checkpoints ship no Jinja template.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def default_chat_template(tokenizer) -> tuple[str | None, dict[str, str]]:
+    """For a model with no template of its own: Llama 3's format if its vocabulary has Llama 3's header tokens."""
+    inner = getattr(tokenizer, "tokenizer", None)  # HF and GGUF tokenizers wrap a tokenizers.Tokenizer
+    known = inner.token_to_id if inner is not None else getattr(tokenizer, "special_tokens", {}).get
+    if all(known(t) is not None for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
+        return LLAMA3_CHAT_TEMPLATE, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    return None, {}
 
 
 # ---- the conversation -----------------------------------------------------------------------------------

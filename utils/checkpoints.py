@@ -27,7 +27,15 @@ from .hf import HF_WEIGHT_FILES, download_hub, load_hf
 from .llama2c import load_llama2c_bin, load_llama2c_pt
 from .meta import load_meta
 from .model import Llama, LlamaConfig
-from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, eos_token_from_config, load_tokenizer
+from .tokenizer import (
+    HFTokenizer,
+    Llama3Tokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    eos_token_from_config,
+    is_tiktoken_file,
+    load_tokenizer,
+)
 from .weights import as_dtype, build_model, strip_prefix, torch_load, with_max_seq_len
 
 CKPT_FILE = "ckpt.pt"
@@ -163,11 +171,15 @@ def load_pretrained(path: str | Path, *, device="cpu", dtype=None, max_seq_len: 
     return build_model(config, sd, f"{path} ({fmt})", device=device, dtype=dtype)
 
 
-def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer | GGUFTokenizer | None:
+def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer | Llama3Tokenizer | \
+        GGUFTokenizer | None:
     """The tokenizer shipped with a foreign checkpoint (tokenizer.json, tokenizer.model, a GGUF's metadata), else None.
 
-    None for our own checkpoints too: load those with utils.tokenizer.load_tokenizer(directory).
+    A tokenizer.model is Llama 2's SentencePiece or Llama 3's tiktoken file, told apart by content; it may be
+    given as the file itself. None for our own checkpoints: load those with utils.tokenizer.load_tokenizer.
     """
+    if Path(path).is_file() and Path(path).suffix == ".model":
+        return _tokenizer_model(Path(path))
     fmt = detect_format(path)
     if fmt == "ours":
         return None
@@ -178,5 +190,9 @@ def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTo
     if (directory / "tokenizer.json").exists():
         return HFTokenizer(directory / "tokenizer.json", eos_token_from_config(directory))
     if (directory / "tokenizer.model").exists():
-        return SentencePieceTokenizer(directory / "tokenizer.model")
+        return _tokenizer_model(directory / "tokenizer.model")
     return None
+
+
+def _tokenizer_model(path: Path) -> SentencePieceTokenizer | Llama3Tokenizer:
+    return Llama3Tokenizer(path) if is_tiktoken_file(path) else SentencePieceTokenizer(path)

@@ -32,6 +32,7 @@ import torch
 
 from .model import LlamaConfig, count_params
 from .rope import RopeScaling, rope_frequencies, scale_frequencies
+from .tokenizer import LLAMA3_SPLIT_PATTERN
 
 # llama.cpp's tensor names -> Meta's (ours): blk.N.attn_q.weight is layers.N.attention.wq.weight.
 GGUF_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
@@ -265,8 +266,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # token
 
 # Byte-level BPE cuts text into chunks (words, numbers, punctuation) before merging; tokenizer.ggml.pre names
 # the rule the vocabulary was trained with. llama.cpp's llama-vocab.cpp lists the same ones.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = LLAMA3_SPLIT_PATTERN  # Meta's, as its tiktoken tokenizer splits (utils/tokenizer.py)
 GPT2_PRE = ("default", "gpt2")  # GPT-2's regex, which tokenizers' ByteLevel pre-tokenizer applies
 DIGITS_THEN_GPT2_PRE = ("smollm", "starcoder", "refact", "codeshell")  # every digit alone, then GPT-2's
 LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")
