@@ -26,7 +26,7 @@ Weights in and out (05, 06):
 
 Around the lessons:
     chat         a chat with an instruction-tuned model through its chat template (`python -m utils chat`)
-    exercises    the checkers that grade the lessons' exercises and name the mistake
+    exercises    the checkers that grade the lessons' exercises and name the mistake, one module per lesson
     report       one markdown table row per training run (`python -m utils report`)
     course       the GitHub address the notebooks' badges point to; `python -m utils` is the command line
 """
