@@ -6,6 +6,7 @@
     check_vocab_params         `my_vocab_params(config)`: the parameters that grow with the vocabulary
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -185,10 +186,17 @@ def _vocab_params(c: LlamaConfig, copies=None, width=None, norm=False) -> int:
 
 
 def _built_vocab_params(c: LlamaConfig) -> int:
-    """tok_embeddings and output of a model built on the meta device (no memory), a shared tensor once."""
+    return _built_embedding_params(c.vocab_size, c.dim, c.tie_embeddings)
+
+
+@functools.lru_cache(maxsize=16)
+def _built_embedding_params(vocab_size: int, dim: int, tied: bool) -> int:
+    """tok_embeddings and output of a one-block Llama built on the meta device (no memory), a shared tensor once:
+    the blocks do not change these two, so one small block keeps the build fast."""
     from ..model import Llama
     with torch.device("meta"):
-        model = Llama(replace(c, max_seq_len=16, rope_scaling=None))  # neither changes a parameter
+        model = Llama(LlamaConfig(vocab_size=vocab_size, dim=dim, n_layers=1, n_heads=1, hidden_dim=8,
+                                  max_seq_len=8, tie_embeddings=tied))
     return sum(p.numel() for p in {id(p): p for p in (model.tok_embeddings.weight, model.output.weight)}.values())
 
 
