@@ -1,6 +1,7 @@
 """Autoregressive sampling: greedy, temperature, top-k and top-p, with or without the KV cache."""
 
-from collections.abc import Collection, Iterator
+import math
+from collections.abc import Collection, Iterable, Iterator
 
 import torch
 
@@ -29,7 +30,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
     """Raise ValueError for sampling settings that mean nothing (checked before any model work)."""
-    if temperature < 0:
+    if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
@@ -132,3 +133,25 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, tempera
     new = list(stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       use_cache=use_cache, stop_token=stop_token, generator=generator, compile=compile))
     return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
+
+
+def print_stream(tokenizer, tokens: Iterable[torch.Tensor], stops: Collection[int] = (),
+                 context: list[int] | None = None) -> list[int]:
+    """Print the text of a stream of (1,) tokens as it comes, until a stop id; return the ids printed.
+
+    Each step decodes context + new ids and prints what is new: SentencePiece drops the leading space of a
+    sequence's first piece, so decoding the new ids alone would glue words together; a character of
+    several bytes waits for its last one.
+    """
+    context, new = context or [], []
+    shown = tokenizer.decode(context) if context else ""
+    for token in tokens:
+        if token.item() in stops:
+            break
+        new.append(token.item())
+        text = tokenizer.decode(context + new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(context + new)[len(shown):], flush=True)
+    return new
