@@ -226,3 +226,14 @@ def test_a_compiled_chat_keeping_its_cache_writes_the_plain_tokens(hf_folder, ca
     compiled, _ = five_turns(hf_folder, capsys, monkeypatch, keep=True, extra=("--compile",))  # first: no hooks yet
     plain, _ = five_turns(hf_folder, capsys, monkeypatch, keep=True)
     assert compiled == plain
+
+
+def test_chat_and_generate_find_the_checkpoint_format_once(hf_folder, capsys, monkeypatch):
+    import utils.checkpoints
+
+    (hf_folder / "chat_template.jinja").write_text(ZEPHYR)
+    calls, detect = [], utils.checkpoints.detect_format
+    monkeypatch.setattr(utils.checkpoints, "detect_format", lambda path: calls.append(path) or detect(path))
+    assert main(["chat", "--checkpoint", str(hf_folder), "--message", "hello", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--checkpoint", str(hf_folder), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+    assert calls == [str(hf_folder)] * 2
