@@ -70,7 +70,7 @@ class KVCache(nn.Module):
         """Bytes held by this cache: 2 (k and v) * B * n_kv_heads * max_seq_len * head_dim * itemsize."""
         return self.k.nbytes + self.v.nbytes
 
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
+    def update(self, start_pos: int | torch.Tensor, xk: torch.Tensor, xv: torch.Tensor):
         """Write xk, xv (B, n_kv_heads, T, hd) at start_pos; return all keys/values so far (views)."""
         if isinstance(start_pos, torch.Tensor):  # the compiled decode step (utils/decode.py)
             return update_in_place(self, start_pos, xk, xv)
@@ -115,8 +115,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, hd)
-        dropout_p = self.dropout if self.training else 0.0  # = attention(q, k, v), in one fused kernel:
-        y = fused_attention(q, k, v, dropout_p=dropout_p, start_pos=start_pos)  # (B, n_heads, T, hd)
+        # attention(q, k, v) in one fused kernel (the speed section below): (B, n_heads, T, hd)
+        y = fused_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, start_pos=start_pos)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 

@@ -70,7 +70,11 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """LLaMA-2. model(tokens (B, T) int64, start_pos=0) -> logits (B, T, vocab_size)."""
+    """LLaMA-2. model(tokens (B, T) int64, start_pos=0) -> logits (B, T, vocab_size).
+
+    start_pos is an int, or a (1,) tensor in the compiled decode step (utils/decode.py), whose shapes must not
+    depend on it.
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
