@@ -42,13 +42,13 @@ def test_cache_length_comes_in_few_sizes():
 def test_the_decoder_keeps_its_caches_when_the_size_fits_and_copies_what_it_keeps_when_it_grows():
     model = tiny()
     attach = decoder(model).attach
-    attach(model, 1, 40)
+    assert attach(model, 1, 40, keep=5) == 0  # nothing to keep yet
     first = model.layers[0].attention.cache
     first.k.normal_()
     model.clear_cache()
     attach(model, 1, 200)  # same 256-position bucket: same addresses (CUDA graphs need them)
     assert model.layers[0].attention.cache is first
-    attach(model, 1, 300, keep=7)
+    assert attach(model, 1, 300, keep=7) == 7
     grown = model.layers[0].attention.cache
     assert grown is not first and grown.max_seq_len == 512
     assert torch.equal(grown.k[:, :, :7], first.k[:, :, :7]) and grown.k[:, :, 7:].abs().sum() == 0

@@ -153,7 +153,7 @@ class KeptCache:
             if held != new:
                 break
             keep += 1
-        decoder(self.model).attach(self.model, 1, len(ids) + max_new_tokens, keep)
+        keep = decoder(self.model).attach(self.model, 1, len(ids) + max_new_tokens, keep)
         self.ids = ids[:keep]  # until the reply is done, only these are sure
         return keep
 

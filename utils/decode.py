@@ -60,22 +60,24 @@ class Decoder:
         self.step = compiled_step(device_type)
         self.caches: list = []
 
-    def attach(self, model, batch_size: int, needed: int, keep: int = 0) -> None:
+    def attach(self, model, batch_size: int, needed: int, keep: int = 0) -> int:
         """Give every layer a cache of `cache_length(needed)` positions: the kept ones if that size fits, else
-        new ones into which the first `keep` positions of the kept ones are copied. Positions past the
-        current one are masked, so old keys there are never read."""
+        new ones into which the first `keep` positions of the kept ones are copied; return how many positions
+        it kept (0 when there were no caches to keep). Positions past the current one are masked, so old keys
+        there are never read."""
         length = cache_length(needed, model.config.max_seq_len)
         w = model.output.weight
         old = self.caches
-        if not old or old[0].k.shape[0] != batch_size or old[0].max_seq_len != length or old[0].k.dtype != w.dtype:
+        fits = bool(old) and old[0].k.shape[0] == batch_size and old[0].k.dtype == w.dtype
+        if not fits or old[0].max_seq_len != length:
             model.setup_cache(batch_size, max_seq_len=length)
             self.caches = [layer.attention.cache for layer in model.layers]
-            if old and old[0].k.shape[0] == batch_size and old[0].k.dtype == w.dtype:
-                keep = min(keep, old[0].max_seq_len, length)
-                for new, was in zip(self.caches, old):
-                    new.k[:, :, :keep], new.v[:, :, :keep] = was.k[:, :, :keep], was.v[:, :, :keep]
+            keep = min(keep, old[0].max_seq_len, length) if fits else 0
+            for new, was in zip(self.caches, old if fits else []):
+                new.k[:, :, :keep], new.v[:, :, :keep] = was.k[:, :, :keep], was.v[:, :, :keep]
         for layer, cache in zip(model.layers, self.caches):
             layer.attention.cache = cache
+        return keep
 
     def __call__(self, model, tokens: torch.Tensor, pos: int, check_guards: bool = True) -> torch.Tensor:
         """`decode_step` compiled, at the int position pos: tokens (B, 1) -> logits (B, vocab).
