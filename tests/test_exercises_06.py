@@ -142,7 +142,7 @@ def test_batch_checker_accepts_numpy_indexing_too():
 
 def utils_lr(step, max_steps, warmup_steps, lr, min_lr):
     cfg = TrainConfig(lr=lr, min_lr_ratio=min_lr / lr, warmup_steps=warmup_steps, max_steps=max_steps)
-    return lr_at((step - warmup_steps) / max(max_steps - warmup_steps, 1), step, cfg)
+    return lr_at(step, cfg)
 
 
 def lr_learner(mistake=None):
