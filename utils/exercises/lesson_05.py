@@ -15,7 +15,7 @@ from torch import nn
 from ..attention import KVCache
 from ..model import LlamaConfig
 from ..rope import rope_cos_sin
-from .checking import _call, _compare, _describe, _name, _seeded, _weights_problem
+from .checking import _call, _check_parts_attempted, _compare, _describe, _name, _seeded, _weights_problem
 
 # The whole model: counting its parameters and its KV cache from the shape alone. Both are checked on
 # several shapes at once (GQA and MHA, tied and untied, Llama-2-7B and 70B), since one shape cannot tell
@@ -236,6 +236,7 @@ def _llama_module(cls, config: LlamaConfig, ref: nn.Module, probe: dict) -> nn.M
         raise AssertionError(f"{_name(cls)} must subclass nn.Module: class {_name(cls)}(nn.Module)")
     if not any(True for _ in mine.parameters()):
         _call(mine, probe)  # an untouched stub stops here with NotAttempted
+    _check_parts_attempted(mine, ref)
     if config.tie_embeddings:
         out, emb = (getattr(getattr(mine, m, None), "weight", None) for m in ("output", "tok_embeddings"))
         if torch.is_tensor(out) and torch.is_tensor(emb) and out is not emb:
