@@ -170,7 +170,9 @@ def _difference(got, expected, labels=None) -> str:
         i = next(i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e))
         return f"{labels[i] if labels else f'element {i}'}: {_difference(got[i], expected[i])}"
     if not torch.is_tensor(expected):
-        return f"expected {expected!r}, got {got!r}"
+        numbers = all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in (got, expected))
+        ratio = f" ({got / expected:.3g} times the answer)" if numbers and expected and got else ""
+        return f"expected {expected!r}, got {got!r}{ratio}"
     if not torch.is_tensor(got):
         return f"expected a tensor, got {type(got).__name__}"
     g, e = tuple(got.shape), tuple(expected.shape)
