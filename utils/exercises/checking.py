@@ -196,7 +196,7 @@ def _difference(got, expected, labels=None) -> str:
 def _matches(got, wrong, close) -> bool:
     try:
         return close(got, wrong())
-    except (RuntimeError, IndexError, ValueError):  # a mistake that cannot happen at this shape
+    except (RuntimeError, IndexError, KeyError, TypeError, ValueError):  # a mistake that cannot happen here
         return False
 
 
