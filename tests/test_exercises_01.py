@@ -53,6 +53,8 @@ MISTAKES = [  # every wrong version and the words its message must contain
     (ex.check_rope_cos_sin, lambda hd, S, theta=10000.0: tuple(t.T for t in rope_cos_sin(hd, S, theta)),
      "tables are (head_dim/2, max_seq_len)"),
     (ex.check_rope_cos_sin, cos_sin_of(frequencies_fixed_theta), "the frequency ladder is wrong (theta ignored"),
+    (ex.check_rope_cos_sin, cos_sin_of(lambda hd, theta: rope_frequencies(hd, theta).repeat(2)),
+     "Hugging Face's (max_seq_len, head_dim) tables"),
     (ex.check_rope_cos_sin, cos_sin_of(lambda hd, theta: theta ** (torch.arange(0, hd, 2) / hd)),
      "the frequency ladder is wrong (frequencies grow with i)"),
     (ex.check_rope_frequencies, frequencies_step_one, "step i by 2"),

@@ -98,6 +98,10 @@ def learner_rmsnorm(mistake=None):
                 self.weight = nn.Parameter(torch.ones(dim))
 
         def forward(self, x):
+            if mistake == "constant eps":
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+            if mistake == "no keepdim":
+                return x * torch.rsqrt(x.pow(2).mean(-1) + self.eps) * self.weight
             if mistake == "layernorm":
                 x = x - x.mean(-1, keepdim=True)
             if mistake == "eps outside":
@@ -186,6 +190,8 @@ MISTAKES = [  # every wrong version and the words its message must contain
     (ex.check_rmsnorm, learner_rmsnorm("no weight"), "weight not applied"),
     (ex.check_rmsnorm, learner_rmsnorm("no weight parameter"), "missing weight"),
     (ex.check_rmsnorm, learner_rmsnorm("norm"), "L2 norm, not the RMS"),
+    (ex.check_rmsnorm, learner_rmsnorm("constant eps"), "the eps argument ignored"),
+    (ex.check_rmsnorm, learner_rmsnorm("no keepdim"), "mean(-1, keepdim=True) keeps the mean broadcastable"),
     (ex.check_rmsnorm, PlainTensorNorm, "weight as a plain tensor: wrap it in nn.Parameter"),
     (ex.check_rmsnorm, NotAModuleNorm, "must subclass nn.Module"),
     # the block

@@ -103,7 +103,9 @@ def _rmsnorm_mistakes(x, w, eps: float) -> dict:
         "x.var() subtracts the mean: RMSNorm uses the mean of x², x.pow(2).mean(-1, keepdim=True)":
             lambda: x * torch.rsqrt(x.var(-1, keepdim=True) + eps) * w,
         "eps added outside the square root: x / sqrt(mean(x²) + eps)": lambda: x / (ms.sqrt() + eps) * w,
-        "eps missing: x / sqrt(mean(x²) + eps)": lambda: x / ms.sqrt() * w,
+        "the eps argument ignored (the default 1e-5 used instead): store self.eps = eps in __init__ and use it":
+            lambda: x * torch.rsqrt(ms + 1e-5) * w,
+        "eps missing (or a tiny constant in its place): x / sqrt(mean(x²) + self.eps)": lambda: x / ms.sqrt() * w,
         "weight not applied: multiply by self.weight (the learned gain)": lambda: x * torch.rsqrt(ms + eps),
         "divided by the L2 norm, not the RMS: take the mean of x², not the sum":
             lambda: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w,
