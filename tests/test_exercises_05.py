@@ -161,6 +161,14 @@ def test_count_checker_names_the_mistake(mistake, message):
     assert message in rejection(ex.check_count_params, count_learner(mistake))
 
 
+def test_count_checker_names_two_mistakes_at_once():
+    def one_block_without_the_final_norm(config):
+        return count_learner("one block")(config) - config.dim
+    assert rejection(ex.check_count_params, one_block_without_the_final_norm) == (
+        "the final norm is missing: after the last block, norm.weight (dim) before the output layer; and a second "
+        "mistake: one block counted (input: vocab 100, dim 32, 2 layers, 4 heads, 2 KV heads, hidden 80, untied)")
+
+
 def test_count_checker_names_a_state_dict_sum_on_a_tied_model():
     assert "a tied output layer counted twice" in rejection(ex.check_count_params, count_from_state_dict)
 

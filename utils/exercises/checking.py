@@ -2,9 +2,10 @@
 
 `run_check(checker, candidate)` is what a notebook calls: it prints and returns "✅ passed", "⏳ not
 attempted yet" or "❌ <what is wrong>" and never raises. A checker calls the candidate through `_call`
-(a stub raises `NotAttempted`, a crash becomes one line naming the learner's line and the input), builds
-a module candidate with the reference's weights through `_module`, and ends in `_compare`: the candidate
-agrees with the reference, or the message of the first known mistake it matches, or how far it is off.
+(a stub raises `NotAttempted`, naming the earlier exercise when the stub is another one the candidate
+calls; a crash becomes one line naming the learner's line and the input), builds a module candidate with
+the reference's weights through `_module`, and ends in `_compare`: the candidate agrees with the reference,
+or the message of the first known mistake it matches (or of two at once), or where and how far it is off.
 """
 
 import functools
