@@ -186,8 +186,8 @@ def _difference(got, expected, labels=None) -> str:
         return "returned complex numbers: turn them back into real pairs (torch.view_as_real(...).flatten(-2))"
     if not torch.isfinite(got.double()).all():
         return "the output contains NaN or inf"
-    if not expected.is_floating_point():  # ids: where they differ, not by how much
-        wrong = (got != expected).nonzero()
+    wrong = (got != expected).nonzero()
+    if not expected.is_floating_point() and len(wrong):  # ids: where they differ, not by how much
         at = tuple(wrong[0].tolist())
         return (f"{len(wrong)} of {expected.numel()} entries differ, the first at {list(at)}: expected "
                 f"{expected[at].item()}, got {got[at].item()}")
