@@ -379,7 +379,7 @@ def snapshot(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "train.lock"}
 
 
-DIVERGES = ("--lr", "100", "--warmup-steps", "1", "--eval-interval", "100")  # NaN within 12 steps, before a save
+DIVERGES = ("--lr", "1e4", "--warmup-steps", "1", "--eval-interval", "100")  # NaN by step 5 of 12: before a save
 
 
 def test_1_overwrite_that_cannot_start_leaves_the_old_run_as_it_was(tmp_path, data_env, capsys, monkeypatch):
@@ -463,7 +463,7 @@ def test_4_messages_point_the_right_way(tmp_path, trained, data_env, capsys, mon
                      *DIVERGES)
     assert rc == 2 and "\nerror: training loss became nan" in err  # on a line of its own, after the progress bar
     line = err[err.index("error: "):].strip()
-    assert "Lower --lr (now 100.0)" in line and "--resume" not in line and "\n" not in line
+    assert "Lower --lr (now 10000.0)" in line and "--resume" not in line and "\n" not in line
     for command in ("chat", "train", "generate"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
