@@ -1,6 +1,6 @@
-"""Lesson 03's checker for the attention forward that uses the KV cache, and lesson 03's solutions.
+"""Lesson 03's checkers, the KV cache and the attention forward that uses it, and lesson 03's solutions.
 
-As in tests/test_exercises.py, the wrong versions are written the way a learner would write them, not
+As in the other lessons' checker tests, the wrong versions are written the way a learner would write them, not
 from the checker's list of mistakes, so a test passes only if the diagnosis reaches code it has not seen.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 from solutions import lesson_03
 from tests import checking
 from utils import exercises as ex
-from utils.attention import Attention, causal_mask, repeat_kv
+from utils.attention import Attention, KVCache, causal_mask, repeat_kv
 from utils.rope import apply_rotary_emb, rope_cos_sin
 
 
@@ -33,6 +33,8 @@ def learner_cached_attention(mistake=None):
 
         def forward(self, x, cos, sin, start_pos=0):
             B, T, _ = x.shape
+            if mistake == "cos sliced again":  # they are already the rows of start_pos .. start_pos + T - 1
+                cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
             q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
             k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -104,6 +106,7 @@ def test_the_utils_attention_and_a_learners_correct_version_pass():
     ("mask only without a cache", "no causal mask with the cache"),
     ("own cache", "self.cache does not hold the keys"),
     ("no scale", "without a cache (self.cache is None): scores not scaled"),
+    ("cos sliced again", "cos and sin sliced again at start_pos: they are already the rows of positions start_pos"),
 ])
 def test_the_checker_names_the_mistake(mistake, words):
     message = rejection(learner_cached_attention(mistake))
@@ -160,3 +163,109 @@ def test_every_listed_mistake_is_detected_and_named_by_its_own_message(message):
 def test_the_lesson_03_solutions_pass(checker, name):
     assert name in lesson_03.__all__
     assert checker(getattr(lesson_03, name)) is None
+
+
+# ---- KV cache, as learners get it wrong ------------------------------------------------------------
+
+def learner_cache(mistake=None):
+    class MyCache:
+        def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim):
+            self.k = torch.zeros(batch_size, n_kv_heads, max_seq_len, head_dim)
+            self.v = torch.zeros(batch_size, n_kv_heads, max_seq_len, head_dim)
+
+            self.pos = 0
+
+        def update(self, start_pos, xk, xv):
+            B, _, T, _ = xk.shape
+            at = {"write at 0": 0, "own counter": 0 if start_pos == 0 else self.pos}.get(mistake, start_pos)
+            self.pos = at + T if mistake == "own counter" else start_pos + T
+            rows = slice(None) if mistake == "every row" else slice(B)  # [:B], as Meta's cache_k[:bsz]
+            self.k[rows, :, at:at + T], self.v[rows, :, at:at + T] = xk, xv
+            if mistake == "read every row":
+                rows = slice(None)
+            if mistake == "only new":
+                return xk, xv
+            if mistake == "whole buffer":
+                return self.k, self.v
+            return self.k[rows, :, :self.pos], self.v[rows, :, :self.pos]
+    return MyCache
+
+
+class AppendingCache:
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim):
+        self.k = self.v = None
+
+    def update(self, start_pos, xk, xv):
+        self.k = xk if self.k is None else torch.cat([self.k, xk], dim=2)
+        self.v = xv if self.v is None else torch.cat([self.v, xv], dim=2)
+        return self.k, self.v
+
+
+def _cache_like(message):
+    class OneMistake:
+        def __init__(self, *args):
+            self.ref, self.history = KVCache(*args), []
+
+        def update(self, start_pos, xk, xv):
+            self.history.append((start_pos, xk, xv))
+            expected = tuple(t.clone() for t in self.ref.update(start_pos, xk, xv))
+            return tuple(t.clone() for t in ex._cache_mistakes(self.history, self.ref, expected)[message]())
+    return OneMistake
+
+
+REFERENCES_CACHE = {
+    ex.check_kv_cache: KVCache,
+}
+
+MISTAKES_CACHE = [  # every wrong version and the words its message must contain
+    (ex.check_kv_cache, learner_cache("only new"), "returned only the new keys"),
+    (ex.check_kv_cache, learner_cache("whole buffer"), "whole buffer"),
+    (ex.check_kv_cache, learner_cache("write at 0"), "at position 0 instead of at start_pos"),
+    (ex.check_kv_cache, AppendingCache, "appended (torch.cat)"),
+    (ex.check_kv_cache, learner_cache("every row"), "wrote a batch of 1 into every row of the cache"),
+    (ex.check_kv_cache, learner_cache("read every row"), "returned every row of the cache for a smaller batch"),
+]
+
+
+def test_a_cache_with_its_own_position_counter_is_caught_when_the_caller_goes_back():
+    message = checking.rejection(ex.check_kv_cache, learner_cache("own counter"))
+    assert message == ("kept its own position counter instead of using start_pos: the caller may go back (to "
+                       "start_pos 2 after 4 tokens here, as when a reply is regenerated); write at start_pos and "
+                       "return :start_pos + T (input: start_pos=2, xk (2, 2, 1, 4), xv (2, 2, 1, 4), after writes "
+                       "at start_pos [0, 3, 4, 0, 2])"), message
+
+
+@pytest.mark.parametrize("checker", REFERENCES_CACHE, ids=lambda c: c.__name__)
+def test_the_kv_cache_checker_accepts_the_utils_kv_cache(checker):
+    assert checker(REFERENCES_CACHE[checker]) is None
+
+
+@pytest.mark.parametrize("checker, candidate, words", MISTAKES_CACHE,
+                         ids=[f"{c.__name__}: {w}" for c, _, w in MISTAKES_CACHE])
+def test_the_kv_cache_checker_names_the_mistake(checker, candidate, words):
+    message = checking.rejection(checker, candidate)
+    assert words in message, message
+
+
+@pytest.mark.parametrize("checker, candidate", [
+    (ex.check_kv_cache, learner_cache()),
+])
+def test_a_correct_kv_cache_written_differently_passes(checker, candidate):
+    assert checker(candidate) is None
+
+
+# ---- every mistake a checker lists is reachable, and named by its own message ----------------------
+# A candidate that makes exactly one listed mistake (computed with the checker's own variant functions)
+# must get exactly that message: no listed mistake is dead code or shadowed by one listed before it.
+
+x4 = torch.randn(2, 4, 4, 8)
+OWN_MISTAKES_CACHE = [  # checker, the messages it lists, a candidate that makes the one mistake a message names
+    (ex.check_kv_cache, ex._cache_mistakes([(0, x4, x4)], KVCache(2, 4, 8, 8), (x4, x4)), _cache_like),
+]
+OWN_CACHE = [(checker, message, make) for checker, mistakes, make in OWN_MISTAKES_CACHE for message in mistakes]
+
+
+@pytest.mark.parametrize("checker, message, make", OWN_CACHE, ids=[f"{c.__name__}: {m[:50]}" for c, m, _ in OWN_CACHE])
+def test_every_listed_kv_cache_mistake_is_detected_and_named_by_its_own_message(checker, message, make):
+    got = checking.rejection(checker, make(message))
+    assert got.startswith(message + " (input:"), got
