@@ -145,7 +145,7 @@ def test_chat_with_a_meta_folder_sends_metas_prompt_and_stops_at_eot(tmp_path, r
     write_meta_folder(tmp_path)
     sent = {}
 
-    def fake_reply(model, tokenizer, ids, stops, args, generator):
+    def fake_reply(model, tokenizer, ids, stops, args, generator, *rest):
         sent.update(ids=ids, stops=stops)
         return "ok"
 
