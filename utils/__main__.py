@@ -21,11 +21,12 @@ from .chat import add_chat_parser, run_chat
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field (dashes for underscores; --out for out_dir), its help from the field."""
+    from .runs import flag
     from .train import TrainConfig
 
-    aliases = {"out_dir": ["--out"], "max_seq_len": ["--max-seq-len", "--block-size"]}  # nanoGPT's name works too
+    aliases = {"max_seq_len": ["--block-size"]}  # nanoGPT's name works too
     for f in fields(TrainConfig):
-        flags = aliases.get(f.name, ["--" + f.name.replace("_", "-")])
+        flags = [flag(f.name), *aliases.get(f.name, [])]
         if f.type in (bool, "bool"):
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                            help=f.metadata["help"])
@@ -131,8 +132,9 @@ def resume_command(out_dir: str) -> str:
 
 
 def run_train(args) -> int:
-    from .checkpoints import CKPT_FILE, load_model
+    from .checkpoints import load_model
     from .generate import generate
+    from .runs import CKPT_FILE
     from .train import TrainConfig, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
