@@ -7,6 +7,7 @@ import pytest
 import regex
 import requests
 import tiktoken
+import tiktoken.load  # the reference reader of the ranks file format
 
 from utils.tokenizer import (
     EOT,
@@ -134,6 +135,15 @@ def test_saved_bpe_ranks_are_in_tiktoken_file_format(sample, tmp_path):
     tok.save(tmp_path)
     ranks = tiktoken.load.load_tiktoken_bpe(str(tmp_path / "tokenizer.tiktoken"))
     assert ranks == train_bpe(sample, 300) and len(ranks) == 299
+
+
+def test_folder_trained_again_on_other_text_loads_the_new_tokenizer(sample, tmp_path):
+    # tiktoken's own loader caches a file by its path: a run folder reused for other text got the old ranks
+    for text in (sample, sample[::-1]):  # the same text backwards: other merges
+        tok = get_tokenizer("bpe:300", train_text=text)
+        tok.save(tmp_path)
+        loaded = load_tokenizer(tmp_path)
+        assert loaded.encode(text) == tok.encode(text) and loaded.encoding._mergeable_ranks == tok.ranks
 
 
 def test_cache_dir_reuses_the_trained_tokenizer(sample, tmp_path, monkeypatch):

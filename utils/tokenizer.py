@@ -23,7 +23,6 @@ from typing import Protocol, runtime_checkable
 
 import regex
 import tiktoken
-import tiktoken.load
 
 # GPT-4's pre-tokenizer: merges never cross these chunk boundaries (words, numbers, punctuation).
 GPT4_SPLIT_PATTERN = (
@@ -225,6 +224,13 @@ def save_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def load_ranks(path: str | Path) -> dict[bytes, int]:
+    """Ranks from a file written by `save_ranks`. Read directly: tiktoken's loader caches files by their
+    path, so a run folder trained again on other text would load the old ranks."""
+    lines = Path(path).read_text(encoding="ascii").splitlines()
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+
+
 # ----------------------------------------------------------------------------- get / load
 
 
@@ -296,7 +302,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return CharTokenizer(meta["chars"])
     if meta["kind"] == "tiktoken":
         return _tiktoken_by_name(meta["name"])
-    ranks = tiktoken.load.load_tiktoken_bpe(str(directory / RANKS_FILE))
+    ranks = load_ranks(directory / RANKS_FILE)
     encoding = tiktoken.Encoding(name=meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks,
                                  special_tokens=meta["special_tokens"])
     return TiktokenTokenizer(meta["name"], encoding, ranks)
