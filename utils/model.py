@@ -70,7 +70,11 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """LLaMA-2. model(tokens (B, T) int64, start_pos=0) -> logits (B, T, vocab_size)."""
+    """LLaMA-2. model(tokens (B, T) int64, start_pos=0) -> logits (B, T, vocab_size).
+
+    start_pos is an int, or a (1,) tensor in the compiled decode step (utils/decode.py), whose shapes must not
+    depend on it.
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -100,15 +104,20 @@ class Llama(nn.Module):
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         check_tokens(tokens, start_pos, self.config.max_seq_len)
-        T = tokens.shape[1]
-        self.rope_cos, self.rope_sin = self.rope_cos.to(tokens.device), self.rope_sin.to(tokens.device)
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]  # (T, hd/2)
+        positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        cos, sin = self.rope_at(positions)  # (T, head_dim / 2) each
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos)
         return self.output(self.norm(h)).float()  # (B, T, vocab_size)
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin at positions (T,) -> (T, head_dim / 2) each, the tables moved to their device."""
+        if self.rope_cos.device != positions.device:
+            self.rope_cos, self.rope_sin = self.rope_cos.to(positions.device), self.rope_sin.to(positions.device)
+        return self.rope_cos[positions], self.rope_sin[positions]
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy in nats: tokens, targets (B, T)."""
@@ -210,14 +219,17 @@ def get_config(name: str, **overrides) -> LlamaConfig:
     return replace(base, **overrides)
 
 
-def check_tokens(tokens: torch.Tensor, start_pos: int, max_seq_len: int) -> None:
-    """Raise ValueError unless tokens is an int (B, T) tensor whose positions fit in max_seq_len."""
+def check_tokens(tokens: torch.Tensor, start_pos: int | torch.Tensor, max_seq_len: int) -> None:
+    """Raise ValueError unless tokens is an int (B, T) tensor whose positions fit in max_seq_len.
+
+    A tensor start_pos (the compiled decode step) is not read here: its caller checks the position.
+    """
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
         got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be an int64 (or int32) tensor of shape (batch, seq_len), got {got}: "
                          "use torch.tensor([ids], dtype=torch.long), or add a batch dimension with tokens[None]")
     end = start_pos + tokens.shape[1]
-    if end > max_seq_len:
+    if not isinstance(start_pos, torch.Tensor) and end > max_seq_len:
         raise ValueError(f"start_pos ({start_pos}) + tokens ({tokens.shape[1]}) = {end} exceeds max_seq_len "
                          f"({max_seq_len}): shorten the input or build the model with a larger max_seq_len")
 
