@@ -3,6 +3,8 @@
 import http.server
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from functools import partial
@@ -176,6 +178,49 @@ def test_unknown_source_lists_the_sources(data_dir):
 def test_missing_path_is_file_not_found(tmp_path, data_dir):
     with pytest.raises(FileNotFoundError, match="no file or folder"):
         load_text(str(tmp_path / "nope.txt"))
+
+
+def test_relative_path_is_read_from_the_working_directory_first(tmp_path, data_dir, monkeypatch):
+    repo, here = tmp_path / "repo", tmp_path / "here"
+    for folder, words in [(repo, "the repository's copy"), (here, "the working directory's copy")]:
+        (folder / "texts").mkdir(parents=True)
+        (folder / "texts" / "mine.txt").write_text(words)
+    monkeypatch.setattr("utils.data.REPO_ROOT", repo)
+    monkeypatch.chdir(here)
+    assert load_text("texts/mine.txt") == "the working directory's copy"
+
+
+def test_relative_path_falls_back_to_the_repository_root(tmp_path, data_dir, monkeypatch):
+    # a notebook runs in notebooks/, the command line anywhere: "data/my.txt" means the repo's data/ for both
+    repo, notebooks = tmp_path / "repo", tmp_path / "repo" / "notebooks"
+    (repo / "data").mkdir(parents=True)
+    notebooks.mkdir()
+    (repo / "data" / "mine.txt").write_text("at the root")
+    monkeypatch.setattr("utils.data.REPO_ROOT", repo)
+    monkeypatch.chdir(notebooks)
+    assert load_text("data/mine.txt") == "at the root"
+
+
+def test_missing_relative_path_names_every_path_tried(tmp_path, data_dir, monkeypatch):
+    repo, here = tmp_path / "repo", tmp_path / "here"
+    repo.mkdir(), here.mkdir()
+    monkeypatch.setattr("utils.data.REPO_ROOT", repo)
+    monkeypatch.chdir(here)
+    with pytest.raises(FileNotFoundError) as e:
+        load_text("my.txt")
+    message = str(e.value)
+    assert str(here / "my.txt") in message and str(repo / "my.txt") in message, message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match=f"unknown source 'mydir'.*{repo / 'mydir'}"):
+        load_text("mydir")  # no suffix, no slash: a misspelt source name, or a missing folder
+
+
+def test_missing_path_on_the_command_line_names_the_paths_tried(tmp_path, data_dir):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LLAMA_DATA_DIR": str(data_dir)}
+    r = subprocess.run([sys.executable, "-m", "utils", "train", "--dataset", "my.txt", "--out", str(tmp_path / "run")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert str(tmp_path / "my.txt") in r.stderr and str(Path(__file__).resolve().parents[1] / "my.txt") in r.stderr
 
 
 def test_unsupported_file_type_is_an_error(tmp_path, data_dir):

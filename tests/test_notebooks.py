@@ -43,6 +43,61 @@ def test_committed_notebook_is_a_complete_lesson(path):
     assert counts == list(range(1, len(code) + 1)), "outputs come from one run, top to bottom"
 
 
+# a path that only exists on the machine that ran the notebook: a home folder, a temp folder, a workspace
+MACHINE_PATH = re.compile(r"(?<![\w.~])(/work/|/home/|/root/|/tmp/|/Users/|/private/var/|[A-Za-z]:\\+Users\\)")
+RESULT_SUFFIXES = (".md", ".json", ".csv", ".txt")  # what benchmarks/ records; its scripts may name /tmp freely
+
+
+def notebook_texts(nb: dict):
+    """(cell index, text) for every source and every text output (images are skipped: base64 is noise)."""
+    for i, cell in enumerate(nb["cells"]):
+        yield i, "".join(cell["source"])
+        for o in cell.get("outputs", []):
+            yield i, "".join(o.get("text", "")) + "".join(o.get("traceback", []))
+            yield from ((i, "".join(v)) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+
+
+def machine_paths(text: str) -> list[str]:
+    return [text[max(m.start() - 40, 0):m.end() + 40] for m in MACHINE_PATH.finditer(text)]
+
+
+def test_machine_paths_are_found_by_the_scan():  # the scan below must be able to fail
+    assert machine_paths("wrote /work/wt-l05/benchmarks/ablation.md") and machine_paths("at /root/.pyenv/x")
+    assert machine_paths(r"C:\\Users\\ada\\llama") and machine_paths("/tmp/run") and machine_paths("/home/ada/x")
+    assert not machine_paths("runs/06/default and data/tinyshakespeare.txt, ~/my.txt, 1.5/tmp/")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_names_no_path_of_the_machine_that_ran_it(path):
+    found = [(i, hit) for i, text in notebook_texts(load(path)) for hit in machine_paths(text)]
+    assert not found, f"absolute paths of this machine in cells {found}: print paths relative to the repository"
+
+
+def test_committed_benchmark_results_name_no_path_of_the_machine_that_ran_them():
+    files = [f for f in sorted((course.ROOT / "benchmarks").rglob("*")) if f.suffix in RESULT_SUFFIXES]
+    assert any(f.name == "ablation.md" for f in files)
+    found = [(f.name, hit) for f in files for hit in machine_paths(f.read_text(encoding="utf-8"))]
+    assert not found, f"absolute paths of a machine: {found}"
+
+
+# sentences about how the course was written, not about the model: the prose speaks to the learner
+MAKING_OF = re.compile(r"\b(the|this|that|our) issue\b|\bissues? (that )?(asked|asks|says|said|wanted|wants|"
+                       r"requested|requires)\b|\bissue #?\d+|\bgithub issue", re.I)
+
+
+def test_making_of_sentences_are_found_by_the_scan():
+    assert MAKING_OF.search("The issue that asked for this study asked for equal time.")
+    assert MAKING_OF.search("as issue 24 says") and not MAKING_OF.search("Dropout is not an option here.")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_prose_speaks_to_the_learner_not_about_how_the_course_was_made(path):
+    cells = load(path)["cells"]
+    found = [(i, m.group(0)) for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+             for m in MAKING_OF.finditer("".join(c["source"]))]
+    assert not found, f"cells {found}: say what the learner sees and measures, not why the lesson was written"
+
+
 def test_colab_links_and_readme_list_every_lesson_in_order():
     assert (course.ROOT / "colab_links.md").read_text() == course.colab_links_markdown()
     readme = (course.ROOT / "README.md").read_text()

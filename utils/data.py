@@ -67,15 +67,35 @@ def load_text(source: str = "tinyshakespeare", *, data_dir: str | Path | None = 
         name = re.sub(r"[^\w.-]", "_", source.rstrip("/").rsplit("/", 1)[-1]) or "download.txt"
         digest = hashlib.sha256(source.encode()).hexdigest()[:8]
         return read_text_file(download(source, data_dir / f"url-{digest}-{name}"))
-    return load_local_text(Path(source).expanduser(), column=column)
+    return load_local_text(find_local_source(source), column=column)
+
+
+def local_candidates(source: str | Path) -> list[Path]:
+    """Where a local source may be: an absolute path as is; a relative one from the working directory
+    (where the command runs; a notebook's folder), then from the repository root."""
+    path = Path(source).expanduser()
+    if path.is_absolute():
+        return [path]
+    return list(dict.fromkeys([Path.cwd() / path, REPO_ROOT / path]))  # one entry when the two agree
+
+
+def find_local_source(source: str | Path) -> Path:
+    """The first of `local_candidates(source)` that exists; the error names every path tried."""
+    tried = local_candidates(source)
+    found = next((p for p in tried if p.exists()), None)
+    if found is not None:
+        return found
+    where = " nor ".join(str(p) for p in tried)
+    if Path(source).suffix or "/" in str(source) or os.sep in str(source):
+        raise FileNotFoundError(f"no file or folder {str(source)!r}: there is none at {where}; check the path, "
+                                f"or give it whole (absolute) ({SOURCES_HELP})")
+    raise ValueError(f"unknown source {str(source)!r} (and no file or folder at {where}): {SOURCES_HELP}")
 
 
 def load_local_text(path: Path, *, column: str = "text") -> str:
     """Text of a local file or of a folder of .txt files (sorted by name, joined by blank lines)."""
     if not path.exists():
-        if path.suffix or os.sep in str(path) or "/" in str(path):
-            raise FileNotFoundError(f"no file or folder at {path}: check the path ({SOURCES_HELP})")
-        raise ValueError(f"unknown source {str(path)!r}: {SOURCES_HELP}")
+        find_local_source(path)  # raises, naming the paths it tried
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
