@@ -1,4 +1,4 @@
-"""Command line: `python -m utils train ...`, `generate ...` and `chat ...` (`--help` on each).
+"""Command line: `python -m utils train ...`, `generate ...`, `chat ...` and `export ...` (`--help` on each).
 
 Only `train` imports the trainer: generating text needs the model, the checkpoints and the sampler.
 """
@@ -17,6 +17,7 @@ from typing import get_args
 import torch
 
 from .chat import add_chat_parser, run_chat
+from .export import add_export_parser, run_export
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -74,6 +75,7 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
                    help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first token waits for the "
                         "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
     add_chat_parser(sub)  # utils/chat.py
+    add_export_parser(sub)  # utils/export.py
     r = sub.add_parser("report", help="one markdown table row per run folder, from its metrics.json", parents=[common])
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `train`")
     r.add_argument("--no-header", dest="header", action="store_false", help="rows only, to append to a table")
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "chat":
             return run_chat(args)
+        if args.command == "export":
+            return run_export(args)
         if args.command == "report":
             from .report import report_rows
             print(report_rows(args.run_dirs, header=args.header))
