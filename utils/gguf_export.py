@@ -140,6 +140,7 @@ def export_gguf(model: Llama, tokenizer, path: str | Path, dtype: str = "f32", n
 # '[sS]... instead of (?i:...), [\r\n]+ where ours has [\r\n] after a greedy \s* (the same chunks: \s*
 # gives back one newline either way), and no possessive quantifiers (none of ours ever backtracks into a
 # match). Its "ignore_merges" takes a chunk that is a token whole, as tiktoken does before merging.
+# One difference remains: (?i) also folds the long s "ſ" to "s": "'ſt" is two chunks for us, one there.
 
 GPT2_PATTERNS = (  # GPT-2's regex, as tiktoken's gpt2/r50k_base/p50k_base write it (old and new tiktoken)
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
@@ -366,6 +367,10 @@ def sentencepiece_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
     from .gguf import BYTE, UNKNOWN
 
     sp = tok.sp
+    probe = "a  b\u2003ﬁ"  # two spaces, an em space, the "fi" ligature: kept by Llama 2's (identity) normalizer
+    if sp.decode(sp.encode(probe)) != probe:
+        raise ValueError(f"{tok.path} normalizes text (NFKC or collapsing spaces), which llama.cpp does not do: it "
+                         "cannot be exported exactly; only identity normalization, as Llama 2's, is supported")
     n = sp.get_piece_size()
     tokens = [sp.id_to_piece(i) for i in range(n)]
     scores = [float(sp.get_score(i)) for i in range(n)]
