@@ -56,8 +56,9 @@ def llama_cpp(path: Path, ids: list[int], n: int, threads: int):
     """Greedy in llama.cpp: one eval per token, argmax of the last logits (llama.cpp's own defaults otherwise)."""
     import llama_cpp
 
+    # logits_all: llama-cpp-python keeps logits in llm.scores only then (it costs the prompt's rows of the output layer)
     llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(ids) + n + 8,
-                          verbose=False)
+                          logits_all=True, verbose=False)
 
     def run():
         llm.reset()
