@@ -17,7 +17,6 @@ from typing import get_args
 import torch
 
 from .chat import add_chat_parser, run_chat
-from .export import add_export_parser, run_export
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -75,10 +74,11 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
                    help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first token waits for the "
                         "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
     add_chat_parser(sub)  # utils/chat.py
-    add_export_parser(sub)  # utils/export.py
     r = sub.add_parser("report", help="one markdown table row per run folder, from its metrics.json", parents=[common])
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `train`")
     r.add_argument("--no-header", dest="header", action="store_false", help="rows only, to append to a table")
+    from .export import add_export_parser  # utils/export.py: --format gguf|hf
+    add_export_parser(sub)
     return parser
 
 
@@ -94,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "chat":
             return run_chat(args)
-        if args.command == "export":
-            return run_export(args)
         if args.command == "report":
             from .report import report_rows
             print(report_rows(args.run_dirs, header=args.header))
             return 0
+        if args.command == "export":
+            from .export import run_export
+            return run_export(args)
         return run_generate(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
