@@ -195,10 +195,14 @@ def run_chat(args) -> int:
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     generate_instead = f"use `python -m utils generate --checkpoint {args.checkpoint} --prompt ...` instead"
-    if detect_format(args.checkpoint) == "ours":
-        raise ValueError(f"{args.checkpoint} is a model trained here, which has no chat template: {generate_instead}")
+    ours = detect_format(args.checkpoint) == "ours"
+    if ours:  # a run folder chats if its model was finetuned from a chat model (its tokenizer keeps the template)
+        from .tokenizer import load_tokenizer
+        if not getattr(load_tokenizer(args.checkpoint), "chat_template", None):
+            raise ValueError(f"{args.checkpoint} is a model trained here from scratch, which has no chat template: "
+                             f"{generate_instead}")
     try:
-        tokenizer = load_pretrained_tokenizer(args.checkpoint)
+        tokenizer = load_tokenizer(args.checkpoint) if ours else load_pretrained_tokenizer(args.checkpoint)
         if tokenizer is None:
             raise FileNotFoundError(f"{args.checkpoint} ships no tokenizer: a chat needs one and its chat template")
         template, special = load_chat_template(args.checkpoint, tokenizer)

@@ -123,3 +123,14 @@ def lora_params(config, rank: int, targets=DEFAULT_TARGETS) -> int:
               "wv": (c.dim, c.n_kv_heads * c.head_dim), "wo": (c.n_heads * c.head_dim, c.dim),
               "w1": (c.dim, c.hidden_dim), "w2": (c.hidden_dim, c.dim), "w3": (c.dim, c.hidden_dim)}
     return c.n_layers * sum(rank * sum(shapes[t]) for t in check_targets(targets))
+
+
+def merge_lora_state_dict(sd: dict, rank: int, alpha: float) -> dict:
+    """A LoRA model's state dict (W, lora_A, lora_B per adapted projection) -> a plain Llama's: W + (alpha / r) B A."""
+    out = {k: v for k, v in sd.items() if not k.endswith(("lora_A", "lora_B"))}
+    for key in sd:
+        if key.endswith(".lora_A"):
+            prefix = key.removesuffix("lora_A")
+            W, A, B = sd[prefix + "weight"], sd[prefix + "lora_A"], sd[prefix + "lora_B"]
+            out[prefix + "weight"] = (W.float() + (alpha / rank) * (B.float() @ A.float())).to(W.dtype)
+    return out
