@@ -19,20 +19,23 @@ import torch
 from .chat import add_chat_parser, run_chat
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field (dashes for underscores; --out for out_dir), its help from the field."""
+def add_train_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """One --flag per TrainConfig field (dashes for underscores; --out for out_dir), its help from the field.
+
+    defaults=False leaves a flag not given out of the parsed namespace: what the user set, for --init-from.
+    """
     from .train import TrainConfig
 
     aliases = {"out_dir": ["--out"], "max_seq_len": ["--max-seq-len", "--block-size"]}  # nanoGPT's name works too
     for f in fields(TrainConfig):
         flags = aliases.get(f.name, ["--" + f.name.replace("_", "-")])
         if f.type in (bool, "bool"):
-            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata["help"])
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default if defaults else argparse.SUPPRESS, help=f.metadata["help"])
             continue
         kind = f.type if f.type in (int, float, str) else next(a for a in get_args(f.type) if a is not type(None))
-        p.add_argument(*flags, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
-                       help=f.metadata["help"])
+        p.add_argument(*flags, dest=f.name, type=kind, default=f.default if defaults else argparse.SUPPRESS,
+                       metavar=f.name.upper(), help=f.metadata["help"])
 
 
 def positive_int(text: str) -> int:
@@ -42,7 +45,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
+def build_parser(command: str | None = "train", defaults: bool = True) -> argparse.ArgumentParser:
     """The parser; the train command's flags only when `command` is train (they import the trainer)."""
     parser = argparse.ArgumentParser(prog="python -m utils", description="Train a LLaMA-2 model and sample from it.")
     common = argparse.ArgumentParser(add_help=False)
@@ -51,7 +54,7 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model; writes ckpt.pt and metrics.json into --out", parents=[common],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if command == "train":
-        add_train_flags(t)
+        add_train_flags(t, defaults)
     t.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out exactly where it stopped, with its settings")
     t.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (deletes it)")
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         if args.command == "train":
+            args.given = set(vars(build_parser("train", defaults=False).parse_args(argv)))  # what the user set
             return run_train(args)
         if args.command == "chat":
             return run_chat(args)
@@ -132,10 +136,13 @@ def resume_command(out_dir: str) -> str:
 
 def run_train(args) -> int:
     from .checkpoints import CKPT_FILE, load_model
+    from .finetune import finetune_config
     from .generate import generate
     from .train import TrainConfig, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if not args.resume:  # --init-from: shape and tokenizer from the checkpoint; the defaults of a finetune
+        cfg = finetune_config(cfg, getattr(args, "given", None))
     try:
         metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:

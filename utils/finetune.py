@@ -6,50 +6,59 @@ The shape and the tokenizer come from the checkpoint (anything `load_pretrained`
 folders); the dataset is tokenized with that tokenizer, which the run folder then keeps, chat template
 included, so `generate` and `chat` work on the finetuned model. With `--lora-rank` only LoRA adapters train
 (`utils.lora`). Settings whose from-scratch default would harm a pretrained model have their own defaults
-here (`DEFAULTS`): a small learning rate, a short warmup, no weight decay towards zero.
+here (`FINETUNE_DEFAULTS`): a small learning rate, a short warmup, no weight decay towards zero.
 """
+
+from dataclasses import fields, replace
 
 import torch
 
 from .model import Llama
 
 # flags that describe a new model, and so contradict a checkpoint's own shape and tokenizer
-SHAPE_FLAGS = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "init_std")
-MAX_DEFAULT_CONTEXT = 1024  # --init-from without --max-seq-len: the checkpoint's context, at most this
+SHAPE_FLAGS = ("preset", "tokenizer", "dim", "n_layers", "n_heads", "n_kv_heads", "init_std", "tie_embeddings",
+               "dropout")
+FROM_CHECKPOINT = "checkpoint"  # a finetune's preset and tokenizer: the --init-from checkpoint's own
+MAX_DEFAULT_CONTEXT = 1024      # --init-from without --max-seq-len: the checkpoint's context, at most this
 
-# (from scratch, full finetune, LoRA): the value of a setting left at None
-DEFAULTS = {
-    "tokenizer": ("bpe:1024", None, None),   # finetuning: the checkpoint's own
-    "preset": ("tiny", None, None),          # finetuning: the checkpoint's shape
-    "max_seq_len": (128, None, None),        # finetuning: the checkpoint's context, at most MAX_DEFAULT_CONTEXT
-    "lr": (4e-3, 1e-4, 2e-3),
-    "warmup_steps": (50, 2, 2),
-    "weight_decay": (1.0, 0.0, 0.0),
-}
+# settings left at their from-scratch default take these when finetuning: (full finetune, LoRA). A pretrained
+# model wants small steps (lr 4e-3 would wreck it) and no weight decay pulling its weights towards zero;
+# LoRA's adapters start at zero and take larger steps.
+FINETUNE_DEFAULTS = {"lr": (1e-4, 2e-3), "warmup_steps": (2, 2), "weight_decay": (0.0, 0.0)}
 
 
-def run_kind(cfg) -> int:
-    """0 from scratch, 1 full finetune, 2 LoRA: the column of DEFAULTS a TrainConfig takes."""
-    return 0 if not cfg.init_from else 2 if cfg.lora_rank else 1
+def finetune_config(cfg, given: set[str] | None = None):
+    """A TrainConfig for a run from cfg.init_from: shape and tokenizer from the checkpoint, finetune defaults.
 
-
-def check_init_flags(cfg) -> None:
-    """Raise ValueError for settings that contradict --init-from (or LoRA without it): one line, what to do."""
+    `given` names the settings the user set (the command line knows); None: those away from their default.
+    Settings that contradict the checkpoint raise a ValueError; LoRA without --init-from too.
+    """
     if not cfg.init_from:
-        if cfg.lora_rank:
-            raise ValueError("--lora-rank adapts a trained model: add --init-from PATH (a checkpoint to finetune)")
-        return
-    if cfg.tokenizer is not None:
+        if cfg.lora_rank is not None:
+            raise ValueError("--lora-rank adapts a trained model: add --init-from PATH (the checkpoint to finetune)")
+        return cfg
+    if cfg.preset == FROM_CHECKPOINT:
+        return cfg  # done already
+    default = type(cfg)()
+    if given is None:
+        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+    if "tokenizer" in given:
         raise ValueError(f"--tokenizer {cfg.tokenizer} contradicts --init-from: a finetuned model keeps the "
-                         "tokenizer it was trained with (it comes with the checkpoint); drop --tokenizer")
-    given = [f"--{name.replace('_', '-')}" for name in SHAPE_FLAGS if getattr(cfg, name) is not None]
-    given += ["--tie-embeddings"] * bool(cfg.tie_embeddings) + ["--dropout"] * bool(cfg.dropout)
-    if given:
-        raise ValueError(f"{' '.join(given)} contradicts --init-from: the model's shape comes from the checkpoint "
-                         f"{cfg.init_from}; drop {'it' if len(given) == 1 else 'them'} (--max-seq-len may shorten "
+                         "tokenizer it was trained with, which comes with the checkpoint; drop --tokenizer")
+    shape = [f"--{name.replace('_', '-')}" for name in SHAPE_FLAGS if name in given]
+    if shape:
+        raise ValueError(f"{' '.join(shape)} contradicts --init-from: the model's shape comes from the checkpoint "
+                         f"{cfg.init_from}; drop {'it' if len(shape) == 1 else 'them'} (--max-seq-len may shorten "
                          "the context)")
     if cfg.lora_rank is not None and cfg.lora_rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {cfg.lora_rank} (leave it out to finetune every weight)")
+    lora = cfg.lora_rank is not None
+    changes = {name: values[lora] for name, values in FINETUNE_DEFAULTS.items() if name not in given}
+    if lora and cfg.lora_alpha is None:
+        changes["lora_alpha"] = 2.0 * cfg.lora_rank
+    if "max_seq_len" not in given:
+        changes["max_seq_len"] = None  # the checkpoint's context (at most MAX_DEFAULT_CONTEXT), set when it loads
+    return replace(cfg, preset=FROM_CHECKPOINT, tokenizer=FROM_CHECKPOINT, **changes)
 
 
 def init_tokenizer(path: str):
