@@ -7,9 +7,10 @@ Skipped where there is no CUDA device (CI has none); run them on a GPU machine w
 import pytest
 import torch
 
-from utils.checkpoints import load_checkpoint, load_model
+from utils.checkpoints import load_model
 from utils.generate import generate
 from utils.model import Llama, get_config
+from utils.runs import load_checkpoint
 from utils.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,6 +1,6 @@
-"""Lesson 03's checker for the attention forward that uses the KV cache, and lesson 03's solutions.
+"""Lesson 03's checkers, the KV cache and the attention forward that uses it, and lesson 03's solutions.
 
-As in tests/test_exercises.py, the wrong versions are written the way a learner would write them, not
+As in the other lessons' checker tests, the wrong versions are written the way a learner would write them, not
 from the checker's list of mistakes, so a test passes only if the diagnosis reaches code it has not seen.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 from solutions import lesson_03
 from tests import checking
 from utils import exercises as ex
-from utils.attention import Attention, causal_mask, repeat_kv
+from utils.attention import Attention, KVCache, causal_mask, repeat_kv
 from utils.rope import apply_rotary_emb, rope_cos_sin
 
 
@@ -160,3 +160,93 @@ def test_every_listed_mistake_is_detected_and_named_by_its_own_message(message):
 def test_the_lesson_03_solutions_pass(checker, name):
     assert name in lesson_03.__all__
     assert checker(getattr(lesson_03, name)) is None
+
+
+# ---- KV cache, as learners get it wrong ------------------------------------------------------------
+
+def learner_cache(mistake=None):
+    class MyCache:
+        def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim):
+            self.k = torch.zeros(batch_size, n_kv_heads, max_seq_len, head_dim)
+            self.v = torch.zeros(batch_size, n_kv_heads, max_seq_len, head_dim)
+
+        def update(self, start_pos, xk, xv):
+            T = xk.shape[2]
+            at = 0 if mistake == "write at 0" else start_pos
+            self.k[:, :, at:at + T], self.v[:, :, at:at + T] = xk, xv
+            if mistake == "only new":
+                return xk, xv
+            if mistake == "whole buffer":
+                return self.k, self.v
+            return self.k[:, :, :start_pos + T], self.v[:, :, :start_pos + T]
+    return MyCache
+
+
+class AppendingCache:
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim):
+        self.k = self.v = None
+
+    def update(self, start_pos, xk, xv):
+        self.k = xk if self.k is None else torch.cat([self.k, xk], dim=2)
+        self.v = xv if self.v is None else torch.cat([self.v, xv], dim=2)
+        return self.k, self.v
+
+
+def _cache_like(message):
+    class OneMistake:
+        def __init__(self, *args):
+            self.ref, self.history = KVCache(*args), []
+
+        def update(self, start_pos, xk, xv):
+            self.history.append((start_pos, xk, xv))
+            expected = tuple(t.clone() for t in self.ref.update(start_pos, xk, xv))
+            return tuple(t.clone() for t in ex._cache_mistakes(self.history, self.ref, expected)[message]())
+    return OneMistake
+
+
+REFERENCES_CACHE = {
+    ex.check_kv_cache: KVCache,
+}
+
+MISTAKES_CACHE = [  # every wrong version and the words its message must contain
+    (ex.check_kv_cache, learner_cache("only new"), "returned only the new keys"),
+    (ex.check_kv_cache, learner_cache("whole buffer"), "whole buffer"),
+    (ex.check_kv_cache, learner_cache("write at 0"), "at position 0 instead of at start_pos"),
+    (ex.check_kv_cache, AppendingCache, "appended (torch.cat)"),
+]
+
+
+@pytest.mark.parametrize("checker", REFERENCES_CACHE, ids=lambda c: c.__name__)
+def test_the_kv_cache_checker_accepts_the_utils_kv_cache(checker):
+    assert checker(REFERENCES_CACHE[checker]) is None
+
+
+@pytest.mark.parametrize("checker, candidate, words", MISTAKES_CACHE,
+                         ids=[f"{c.__name__}: {w}" for c, _, w in MISTAKES_CACHE])
+def test_the_kv_cache_checker_names_the_mistake(checker, candidate, words):
+    message = checking.rejection(checker, candidate)
+    assert words in message, message
+
+
+@pytest.mark.parametrize("checker, candidate", [
+    (ex.check_kv_cache, learner_cache()),
+])
+def test_a_correct_kv_cache_written_differently_passes(checker, candidate):
+    assert checker(candidate) is None
+
+
+# ---- every mistake a checker lists is reachable, and named by its own message ----------------------
+# A candidate that makes exactly one listed mistake (computed with the checker's own variant functions)
+# must get exactly that message: no listed mistake is dead code or shadowed by one listed before it.
+
+x4 = torch.randn(2, 4, 4, 8)
+OWN_MISTAKES_CACHE = [  # checker, the messages it lists, a candidate that makes the one mistake a message names
+    (ex.check_kv_cache, ex._cache_mistakes([(0, x4, x4)], KVCache(2, 4, 8, 8), (x4, x4)), _cache_like),
+]
+OWN_CACHE = [(checker, message, make) for checker, mistakes, make in OWN_MISTAKES_CACHE for message in mistakes]
+
+
+@pytest.mark.parametrize("checker, message, make", OWN_CACHE, ids=[f"{c.__name__}: {m[:50]}" for c, m, _ in OWN_CACHE])
+def test_every_listed_kv_cache_mistake_is_detected_and_named_by_its_own_message(checker, message, make):
+    got = checking.rejection(checker, make(message))
+    assert got.startswith(message + " (input:"), got

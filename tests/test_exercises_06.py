@@ -18,6 +18,7 @@ from tests.checking import rejection, stub
 from utils import exercises as ex
 from utils.course import ROOT
 from utils.data import windows_at
+from utils.generate import sample_next
 from utils.train import TrainConfig, lr_at
 
 # ---- cross-entropy -----------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_batch_checker_accepts_numpy_indexing_too():
 
 def utils_lr(step, max_steps, warmup_steps, lr, min_lr):
     cfg = TrainConfig(lr=lr, min_lr_ratio=min_lr / lr, warmup_steps=warmup_steps, max_steps=max_steps)
-    return lr_at((step - warmup_steps) / max(max_steps - warmup_steps, 1), step, cfg)
+    return lr_at(step, cfg)
 
 
 def lr_learner(mistake=None):
@@ -208,3 +209,92 @@ def test_lesson_06_solutions_pass_every_check_in_the_notebook():
             exec(compile(source, "<notebook cell>", "exec"), namespace)
     results = [line for line in printed.getvalue().splitlines() if line[:1] in "✅⏳❌"]
     assert results == ["✅ passed"] * len(checks), printed.getvalue()
+
+
+# ---- sampling, as learners get it wrong ------------------------------------------------------------
+
+def learner_sampler(mistake=None):
+    """A learner's sampler; its top-p samples in sorted order and maps back, as Meta's sample_top_p does."""
+    def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+        if temperature == 0 and mistake != "no greedy":
+            return logits.argmax(dim=-1)
+        if mistake == "in place":
+            logits /= temperature
+        elif mistake != "temperature after softmax":
+            logits = logits / temperature
+        if top_k is not None and mistake != "top_k ignored":
+            kth = torch.topk(logits, top_k).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        if mistake == "temperature after softmax":
+            probs = probs / temperature
+        gen = None if mistake == "no generator" else generator
+        if top_p is not None:
+            sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+            cum = sorted_p.cumsum(-1)
+            sorted_p[(cum > top_p) if mistake == "drop crossing" else (cum - sorted_p > top_p)] = 0.0
+            choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+            return idx.gather(-1, choice).squeeze(-1)
+        tokens = torch.multinomial(probs, 1, generator=gen)
+        return tokens if mistake == "no squeeze" else tokens.squeeze(-1)
+    return sample
+
+
+def _sampler_like(message):
+    def sample(logits, temperature, top_k, top_p, generator):
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = ex._sampling_mistakes(logits, temperature, top_k, top_p)[message]()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample
+
+
+REFERENCES_SAMPLE = {
+    ex.check_sample_next: sample_next,
+}
+
+MISTAKES_SAMPLE = [  # every wrong version and the words its message must contain
+    (ex.check_sample_next, learner_sampler("top_k ignored"), "top_k ignored"),
+    (ex.check_sample_next, learner_sampler("drop crossing"), "dropped the token that crosses the threshold"),
+    (ex.check_sample_next, learner_sampler("temperature after softmax"), "temperature has no effect"),
+    (ex.check_sample_next, learner_sampler("no greedy"), "temperature 0 means greedy"),
+    (ex.check_sample_next, learner_sampler("no squeeze"), "squeeze"),
+    (ex.check_sample_next, learner_sampler("no generator"), "pass generator=generator"),
+    (ex.check_sample_next, learner_sampler("in place"), "changed its input logits in place"),
+]
+
+
+@pytest.mark.parametrize("checker", REFERENCES_SAMPLE, ids=lambda c: c.__name__)
+def test_the_sampling_checker_accepts_utils_sample_next(checker):
+    assert checker(REFERENCES_SAMPLE[checker]) is None
+
+
+@pytest.mark.parametrize("checker, candidate, words", MISTAKES_SAMPLE,
+                         ids=[f"{c.__name__}: {w}" for c, _, w in MISTAKES_SAMPLE])
+def test_the_sampling_checker_names_the_mistake(checker, candidate, words):
+    message = rejection(checker, candidate)
+    assert words in message, message
+
+
+@pytest.mark.parametrize("checker, candidate", [
+    (ex.check_sample_next, learner_sampler()),
+])
+def test_a_correct_sampler_written_differently_passes(checker, candidate):
+    assert checker(candidate) is None
+
+
+# ---- every mistake a checker lists is reachable, and named by its own message ----------------------
+# A candidate that makes exactly one listed mistake (computed with the checker's own variant functions)
+# must get exactly that message: no listed mistake is dead code or shadowed by one listed before it.
+
+OWN_MISTAKES_SAMPLE = [  # checker, the messages it lists, a candidate that makes the one mistake a message names
+    (ex.check_sample_next, ex._sampling_mistakes(torch.randn(1, 4), 1.0, 2, 0.5), _sampler_like),
+]
+OWN_SAMPLE = [(checker, message, make) for checker, mistakes, make in OWN_MISTAKES_SAMPLE for message in mistakes]
+
+
+@pytest.mark.parametrize("checker, message, make", OWN_SAMPLE,
+                         ids=[f"{c.__name__}: {m[:50]}" for c, m, _ in OWN_SAMPLE])
+def test_every_listed_sampling_mistake_is_detected_and_named_by_its_own_message(checker, message, make):
+    got = rejection(checker, make(message))
+    assert got.startswith(message + " (input:"), got

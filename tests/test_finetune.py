@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from utils.__main__ import main
-from utils.checkpoints import load_checkpoint, load_model, load_pretrained
+from utils.checkpoints import load_model, load_pretrained
 from utils.data import prepare_data
 from utils.hf import save_hf
 from utils.lora import lora_params
 from utils.model import Llama, LlamaConfig
+from utils.runs import load_checkpoint
 from utils.tokenizer import HFTokenizer, load_tokenizer
 from utils.train import TrainConfig, train
 

@@ -23,8 +23,8 @@ import torch
 
 from utils import train as train_mod
 from utils.__main__ import main
-from utils.checkpoints import CKPT_FILE, load_checkpoint
 from utils.data import load_text
+from utils.runs import CKPT_FILE, load_checkpoint
 from utils.tokenizer import get_tokenizer
 from utils.train import TrainConfig, train
 

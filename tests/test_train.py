@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from utils import train as train_mod
-from utils.checkpoints import CKPT_FILE, load_checkpoint
+from utils.runs import CKPT_FILE, load_checkpoint
 from utils.train import TrainConfig, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,9 +89,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_last_good_checkpoint(tmp_
 def test_max_seconds_stops_the_run_and_drives_the_schedule(tmp_path, corpus):
     m = train(smoke_cfg(tmp_path, max_steps=100_000, max_seconds=2.0, warmup_steps=1), data=corpus[1])
     assert m["steps"] < 100_000 and 2.0 <= m["wall_seconds"] < 10
-    cfg = smoke_cfg(tmp_path, lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
-    assert lr_at(0.0, 0, cfg) == pytest.approx(0.1) and lr_at(1.0, 50, cfg) == pytest.approx(0.1)
-    assert lr_at(0.5, 50, cfg) == pytest.approx(0.55)
+    cfg = smoke_cfg(tmp_path, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half of the decay phase
+    timed = smoke_cfg(tmp_path, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=100_000, max_seconds=100.0)
+    assert lr_at(60, timed, seconds=50.0) == pytest.approx(0.55)  # the clock is half gone: so is the decay
+    assert lr_at(60, timed, seconds=100.0) == pytest.approx(0.1)
 
 
 def test_too_little_data_names_both_numbers(tmp_path, corpus):

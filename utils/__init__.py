@@ -13,10 +13,12 @@ Training your own (06):
     tokenizer    char, a byte-level BPE trained on your text, tiktoken's encodings; tokenizers of other checkpoints
     data         one string picks the text (tinyshakespeare, tinystories, hf:..., a URL, a file or folder)
     device       cuda, then mps, then cpu; the precision the hardware runs fastest
-    train        the trainer: AdamW, warmup + cosine, mixed precision, exact resume, DDP
+    train        the trainer: AdamW, warmup + cosine, mixed precision, exact resume
+    runs         the run folder: ckpt.pt, metrics.json, one process per folder, what a resume may change, Ctrl-C
+    distributed  several GPUs, one run (DDP under torchrun): join, agree, gather, leave
 
 Weights in and out (05, 06):
-    checkpoints  our run folder (ckpt.pt), and `load_pretrained` for every format below
+    checkpoints  `load_model` for our run folder, and `load_pretrained` for every format below
     weights      a state dict in Meta's names -> a checked `Llama`
     hf           Hugging Face transformers checkpoints, `from_hf`, `save_hf`
     meta         Meta's consolidated.NN.pth shards
@@ -26,7 +28,7 @@ Weights in and out (05, 06):
 
 Around the lessons:
     chat         a chat with an instruction-tuned model through its chat template (`python -m utils chat`)
-    exercises    the checkers that grade the lessons' exercises and name the mistake
+    exercises    the checkers that grade the lessons' exercises and name the mistake, one module per lesson
     report       one markdown table row per training run (`python -m utils report`)
     course       the GitHub address the notebooks' badges point to; `python -m utils` is the command line
 """

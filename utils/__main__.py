@@ -24,11 +24,12 @@ def add_train_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 
     defaults=False leaves a flag not given out of the parsed namespace: what the user set, for --init-from.
     """
+    from .runs import flag
     from .train import TrainConfig
 
-    aliases = {"out_dir": ["--out"], "max_seq_len": ["--max-seq-len", "--block-size"]}  # nanoGPT's name works too
+    aliases = {"max_seq_len": ["--block-size"]}  # nanoGPT's name works too
     for f in fields(TrainConfig):
-        flags = aliases.get(f.name, ["--" + f.name.replace("_", "-")])
+        flags = [flag(f.name), *aliases.get(f.name, [])]
         if f.type in (bool, "bool"):
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=f.default if defaults else argparse.SUPPRESS, help=f.metadata["help"])
@@ -135,9 +136,10 @@ def resume_command(out_dir: str) -> str:
 
 
 def run_train(args) -> int:
-    from .checkpoints import CKPT_FILE, load_model
+    from .checkpoints import load_model
     from .finetune import finetune_config
     from .generate import generate
+    from .runs import CKPT_FILE
     from .train import TrainConfig, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

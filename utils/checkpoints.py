@@ -1,12 +1,12 @@
-"""Checkpoints: our run folder's format, and one door, `load_pretrained`, for every other format.
+"""Checkpoints: one door, `load_pretrained`, for every format: our run folder and everyone else's.
 
     model, tok = load_model("out")                                 # a folder written by `train`
     model = load_pretrained("TinyLlama/TinyLlama-1.1B-Chat-v1.0")  # or a local directory or file
     tok = load_pretrained_tokenizer(path)                          # the tokenizer shipped with it
 
-Our run folder (written by `utils.train`): ckpt.pt (model, optimizer, step, RNG: everything resume
-needs), the tokenizer (`utils.tokenizer`), metrics.json. Other formats, each in the module named for
-it (`detect_format` tells them apart):
+Our run folder (written by `utils.train`, laid out in `utils.runs`): ckpt.pt, the tokenizer
+(`utils.tokenizer`), metrics.json. Other formats, each in the module named for it (`detect_format`
+tells them apart):
     hf           config.json + model.safetensors | model.safetensors.index.json | pytorch_model.bin(.index.json)
     meta         params.json + consolidated.00.pth, consolidated.01.pth, ... (model-parallel shards)
     llama2c-pt   llama2.c's training checkpoint (.pt with "model" and "model_args")
@@ -19,51 +19,17 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
-from .files import atomic_write
 from .gguf import GGUFTokenizer, load_gguf, load_gguf_tokenizer
 from .hf import HF_WEIGHT_FILES, download_hub, load_hf
 from .llama2c import load_llama2c_bin, load_llama2c_pt
 from .lora import merge_lora_state_dict
 from .meta import load_meta
 from .model import Llama, LlamaConfig
+from .runs import CKPT_FILE
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, eos_token_from_config, load_tokenizer
 from .weights import as_dtype, build_model, strip_prefix, torch_load, with_max_seq_len
 
-CKPT_FILE = "ckpt.pt"
-METRICS_FILE = "metrics.json"
-TRAINING_KEYS = ("config", "train_config", "model", "optimizer", "step")  # what a resume reads
-
-
 # ---- our run folder -------------------------------------------------------------------------------------
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save through `atomic_write`: a crash mid-write leaves the previous file intact."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-    atomic_write(Path(path), write)
-
-
-def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
-    """The training state saved in out_dir/ckpt.pt; a clear ValueError for a damaged or foreign file."""
-    path = Path(out_dir) / CKPT_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first (python -m utils train --out {out_dir}) "
-                                "or point --out/--checkpoint at a folder that has one")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)  # a downloaded pickle runs no code
-    except Exception as e:  # truncated, damaged, or not a PyTorch file: torch raises many types
-        why = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's first sentence says what it found
-        raise ValueError(f"cannot read {path} ({type(e).__name__}: {why}): it is damaged or incomplete (an "
-                         "interrupted copy?). Restore a good copy, or start the run again with --overwrite") from e
-    missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint written by utils.train (no {', '.join(missing)}): resume "
-                         "only runs this trainer wrote, or start again with --overwrite")
-    return ckpt
-
 
 def load_model(out_dir: str | Path, device="cpu") -> tuple[Llama, Tokenizer]:
     """(model in eval mode, tokenizer) from a folder written by `train`."""

@@ -9,7 +9,7 @@ benchmarks/datasets.md (`python -m utils report --no-header out >> benchmarks/da
 import json
 from pathlib import Path
 
-from .checkpoints import METRICS_FILE
+from .runs import METRICS_FILE
 
 FIELDS = ("dataset", "tokenizer", "params", "steps", "device", "dtype", "wall_seconds", "val_loss_per_char")
 COLUMNS = ("dataset", "tokenizer", "parameters", "steps", "device", "dtype", "wall time", "val nats/char")

@@ -1,24 +1,22 @@
 """Training: AdamW, warmup + cosine, mixed precision, accumulation, exact resume, atomic checkpoints, DDP.
 
 `train(TrainConfig(...))` is the whole job; `python -m utils train` is a thin layer over it.
-A run writes ckpt.pt, the tokenizer and metrics.json into `out_dir` (`utils.checkpoints`).
+A run writes ckpt.pt, the tokenizer and metrics.json into `out_dir` (`utils.runs`).
 
 The loop (`Trainer.run`) is nanoGPT's: take a batch, forward, backward, clip, step; every
 `eval_interval` steps measure the validation loss and save a checkpoint; at the end evaluate on
 the whole validation split and save.
 
 Nothing trained is lost: a folder holding a run is continued (resume) or restarted (overwrite) only
-when asked, one process at a time (`utils.files.FolderLock`); Ctrl-C finishes the step and saves,
-and resuming from any saved step continues exactly as if the run had never stopped.
+when asked, one process at a time (`utils.runs.claim_run_folder`); Ctrl-C finishes the step and saves,
+and resuming from any saved step continues exactly as if the run had never stopped. Several GPUs
+(torchrun) train one run through `utils.distributed`.
 """
 
-import contextlib
 import json
 import math
 import os
 import signal
-import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -26,23 +24,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoints import CKPT_FILE, METRICS_FILE, atomic_save, load_checkpoint
 from .data import TokenData, check_enough_tokens, epoch_batch, prepare_data, windows_at
 from .device import dtype_reason, keep_freed_memory, pick_device, pick_dtype
-from .files import FolderLock, atomic_write, remove_stale_temporaries
+from .distributed import (
+    gather_from_ranks,
+    leave_process_group,
+    max_over_ranks,
+    setup_distributed,
+    wait_for_all_ranks,
+    wrap_ddp,
+)
+from .files import atomic_write
 from .finetune import finetune_config, load_init
 from .lora import apply_lora, check_targets, trainable_params
 from .model import Llama, LlamaConfig, get_config
+from .runs import (
+    CKPT_FILE,
+    METRICS_FILE,
+    StopSignals,
+    atomic_save,
+    claim_run_folder,
+    kept_settings,
+    load_checkpoint,
+    resume_config,
+)
 from .tokenizer import load_tokenizer
 
 
 def arg(default, help: str):
     """A TrainConfig field with its --help text: the command line is built from these."""
     return field(default=default, metadata={"help": help})
+
+
+def model_arg(help: str):
+    """A TrainConfig field that overrides the preset's value of the LlamaConfig field of the same name."""
+    return field(default=None, metadata={"help": help, "model": True})
 
 
 @dataclass
@@ -63,11 +81,11 @@ class TrainConfig:
     lora_targets: str = arg("wq,wk,wv,wo", "the projections LoRA adapts, from wq,wk,wv,wo,w1,w2,w3")
     # model: a preset, then overrides (None keeps the preset's value)
     preset: str = arg("tiny", "model shape to start from (utils.model.PRESETS): smoke, tiny, small, ...")
-    dim: int | None = arg(None, "width of the residual stream (overrides the preset)")
-    n_layers: int | None = arg(None, "number of transformer blocks (overrides the preset)")
-    n_heads: int | None = arg(None, "number of query heads (overrides the preset)")
-    n_kv_heads: int | None = arg(None, "number of key/value heads; must divide n_heads (overrides the preset)")
-    init_std: float | None = arg(None, "std of the normal initial weights (overrides the preset; tiny: 0.04)")
+    dim: int | None = model_arg("width of the residual stream (overrides the preset)")
+    n_layers: int | None = model_arg("number of transformer blocks (overrides the preset)")
+    n_heads: int | None = model_arg("number of query heads (overrides the preset)")
+    n_kv_heads: int | None = model_arg("number of key/value heads; must divide n_heads (overrides the preset)")
+    init_std: float | None = model_arg("std of the normal initial weights (overrides the preset; tiny: 0.04)")
     dropout: float = arg(0.0, "dropout probability on attention and residual branches")
     tie_embeddings: bool = arg(False, "share one matrix between the token embedding and the output layer")
     max_seq_len: int = arg(128, "context length in tokens: the training windows and the model's max_seq_len (with "
@@ -116,8 +134,7 @@ class TrainConfig:
                 raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
 
     def model_config(self, vocab_size: int) -> LlamaConfig:
-        overrides = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "init_std")
-                     if getattr(self, k) is not None}
+        overrides = {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
         return get_config(self.preset, vocab_size=vocab_size, max_seq_len=self.max_seq_len,
                           dropout=self.dropout, tie_embeddings=self.tie_embeddings, **overrides)
 
@@ -128,6 +145,9 @@ class TrainConfig:
         if "block_size" in d:
             d["max_seq_len"] = d.pop("block_size")
         return cls(**d)
+
+
+MODEL_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("model"))  # dim, n_layers, ...
 
 
 # ---- optimizer and schedule -------------------------------------------------------------------
@@ -142,10 +162,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_ratio at progress 1."""
+def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """The learning rate of optimizer step `step`: linear warmup over warmup_steps, then cosine from lr down to
+    lr * min_lr_ratio at max_steps, or sooner when max_seconds runs out first (`seconds` of training so far)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)  # of the decay phase
+    if cfg.max_seconds:
+        progress = max(progress, seconds / cfg.max_seconds)
     min_lr = cfg.lr * cfg.min_lr_ratio
     progress = min(max(progress, 0.0), 1.0)
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
@@ -183,147 +207,7 @@ def per_char(total_nats: float, tokens_scored: int, n_tokens: int, n_chars: int)
     return total_nats / tokens_scored * n_tokens / n_chars
 
 
-# ---- distributed ------------------------------------------------------------------------------
-
-def setup_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world_size). Under torchrun, join the process group (NCCL for GPUs, Gloo for CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def gather_from_ranks(obj, world: int) -> list:
-    """Every rank's `obj` (e.g. RNG states), so a resumed multi-GPU run continues as each rank would have."""
-    if world == 1:
-        return [obj]
-    objs = [None] * world
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-# ---- the run folder and resuming -------------------------------------------------------------
-
-def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field."""
-    return "--out" if name == "out_dir" else "--" + name.replace("_", "-")
-
-
-def claim_run_folder(out: Path, *, resume: bool, overwrite: bool, rank: int = 0) -> FolderLock | None:
-    """Check `out` before any work, then (rank 0) lock it, clean up after killed writes, and clear it on overwrite.
-
-    Refuses what would lose a run: a file as the folder, or a checkpoint neither resumed nor overwritten.
-    """
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite starts it again: pick one")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder: pass a folder for the run (created if missing)")
-    if (out / CKPT_FILE).exists() and not resume and not overwrite:
-        raise FileExistsError(f"{out} already holds a trained run ({CKPT_FILE}): continue it with --resume, start "
-                              "again with --overwrite (deletes it), or pick another --out (in Python: resume=True, "
-                              "overwrite=True, or another out_dir)")
-    if resume and not out.is_dir():
-        load_checkpoint(out)  # raises, saying what to do (without creating the folder)
-    if rank != 0:
-        return None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create --out {out} ({e.strerror}): pick a folder you can write to") from e
-    lock = FolderLock(out).acquire()
-    stale = remove_stale_temporaries(out)
-    if stale:
-        print(f"removed {len(stale)} temporary file(s) an interrupted write left in {out}: "
-              f"{', '.join(p.name for p in stale)}")
-    if overwrite:
-        for name in (CKPT_FILE, METRICS_FILE):
-            (out / name).unlink(missing_ok=True)
-    return lock
-
-
-# settings a resumed run takes from the command line (the length of the run, the machine, and the
-# schedule: the NaN advice is a lower lr); everything else must match the checkpoint
-RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "eval_interval", "device", "dtype", "compile", "progress",
-                     "lr", "min_lr_ratio", "warmup_steps", "grad_clip")
-
-
-def resume_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
-    """The checkpoint's settings, updated with those `cfg` sets away from the defaults: (config, {name: (old, new)}).
-
-    A resume may change only RESUME_MAY_CHANGE; asking for another model shape, data, tokenizer or
-    optimizer setting is an error, since the run would no longer be the one saved.
-    """
-    old, default = TrainConfig.from_dict(saved), TrainConfig()
-    merged, changes = asdict(old), {}
-    for f in fields(TrainConfig):
-        new, was = getattr(cfg, f.name), getattr(old, f.name)
-        if f.name == "out_dir" or new == was or new == getattr(default, f.name):
-            continue  # equal to the checkpoint's value, or not asked for
-        if f.name not in RESUME_MAY_CHANGE:
-            was = was if was is not None else f"from preset {old.preset}"
-            raise ValueError(f"{flag(f.name)} {new} contradicts the checkpoint in {cfg.out_dir}, trained with "
-                             f"{f.name} {was}: a resumed run keeps its settings; drop "
-                             f"the flag, or start a new run (another --out, or --overwrite). A resume may change "
-                             f"only {', '.join(flag(n) for n in RESUME_MAY_CHANGE)}")
-        merged[f.name] = new
-        changes[f.name] = (was, new)
-    merged["out_dir"] = cfg.out_dir  # the folder may have moved
-    return TrainConfig(**merged), changes
-
-
-def kept_settings(cfg: TrainConfig, changed) -> str:
-    """The run's settings that differ from the defaults and were not `changed`, as name=value."""
-    default, skip = TrainConfig(), {"out_dir", "progress", *changed}
-    kept = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(TrainConfig)
-            if f.name not in skip and getattr(cfg, f.name) != getattr(default, f.name)]
-    return " ".join(kept) or "the defaults"
-
-
-# ---- stopping: Ctrl-C saves -------------------------------------------------------------------
-
-class StopSignals:
-    """While the run lasts, the first SIGINT (Ctrl-C) or SIGTERM (Colab, schedulers) asks it to stop after
-    the current step and save; a second one of the same kind raises KeyboardInterrupt at once. Handlers are
-    installed only in the main thread (Python allows no other), and the previous ones come back afterwards."""
-
-    def __init__(self, announce: bool = True):
-        self.signal: int | None = None
-        self.announce, self.previous = announce, {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signal == signum:
-            raise KeyboardInterrupt(f"second {name}: stopped at once")
-        if self.signal is not None:  # torchrun answers a Ctrl-C with SIGTERM to every worker: already stopping
-            return
-        self.signal = signum
-        if self.announce:  # os.write, not print: a handler that prints may land inside another print
-            msg = f"\n{name}: finishing this step, then saving (press Ctrl-C again to stop at once)\n"
-            with contextlib.suppress(Exception):  # no file descriptor in a notebook: the loop says it later
-                os.write(sys.stderr.fileno(), msg.encode())
-
-
 # ---- the run ----------------------------------------------------------------------------------
-
-def fmt_duration(seconds: float) -> str:
-    """4 s, 3.5 min, 2.1 h."""
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
-
 
 class Trainer:
     """One run: the model, optimizer, counters and history; `run()` trains until steps or time run out.
@@ -331,8 +215,6 @@ class Trainer:
     The run folder is claimed first, before any work (`claim_run_folder`): a folder holding a run needs
     resume=True or overwrite=True, and one process at a time may train into it.
     """
-
-    RESUME_MAY_CHANGE = RESUME_MAY_CHANGE
 
     def __init__(self, cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, callback=None,
                  overwrite: bool = False):
@@ -359,13 +241,13 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on each step's fresh activations: 8-14% faster
         self.data, model = self._data_and_model(cfg, data, ckpt)
-        check_enough_tokens(len(self.data.train), cfg.max_seq_len, "training")
-        self.eval_starts = val_windows(len(self.data.val), cfg.max_seq_len, cfg.eval_windows)
+        check_enough_tokens(len(self.data.train), model.config.max_seq_len, "training")
+        self.eval_starts = val_windows(len(self.data.val), model.config.max_seq_len, cfg.eval_windows)
         self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
-        self.init_eval = ckpt.get("init_eval") if ckpt is not None else None
+        self.init_eval = ckpt.get("init_eval") if ckpt is not None else None  # the loss before step 0
         if ckpt is not None:
             self.restore(ckpt)
             self._check_not_finished()
@@ -398,87 +280,104 @@ class Trainer:
             apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         return data, model
 
+    def _wrap(self, model: Llama) -> torch.nn.Module:
+        """What the training step calls: the model, compiled and/or wrapped for DDP if asked."""
+        net = torch.compile(model) if self.cfg.compile else model
+        return wrap_ddp(net, self.device) if self.world > 1 else net
+
     def release(self) -> None:
         """Let other processes train into the folder (run() does this when it ends)."""
         if self.lock is not None:
             self.lock.release()
 
-    def _wrap(self, model: Llama) -> torch.nn.Module:
-        """What the training step calls: the model, compiled and/or wrapped for DDP if asked."""
-        net = torch.compile(model) if self.cfg.compile else model
-        if self.world > 1:
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return net
+    # ---- the loop -----------------------------------------------------------------------------
 
-    # ---- what the run says --------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train until max_steps or max_seconds; evaluate and save every eval_interval steps and at the end.
 
-    def note(self, message: str) -> None:
-        """A line for the user (rank 0), printed without breaking the progress bar."""
-        if self.rank == 0:
-            from tqdm.auto import tqdm
-            tqdm.write(message)
+        A first Ctrl-C (SIGINT) or SIGTERM finishes the step, saves, and returns (metrics["interrupted"]).
+        """
+        with self.lock or nullcontext(), StopSignals(announce=self.rank == 0) as signals:
+            self.announce()
+            if self.step == 0 and self.init_eval is None:  # where the run starts, on the windows of the last
+                self.init_eval = self.evaluate(full=True)
+                self.say(f"before training: val loss {self.init_eval['val_loss']:.3f} nats/token, "
+                         f"{self.init_eval['val_loss_per_char']:.3f} nats/char")
+            self._loop(signals)
+            return self.finish()
 
-    def say(self, message: str) -> None:
-        """A note only when progress is on: quiet runs (tests, benchmarks) stay quiet."""
-        if self.cfg.progress:
-            self.note(message)
+    def _loop(self, signals: StopSignals) -> None:
+        sync_every = 1 if self.device.type != "cuda" else 20  # on GPUs, let the CPU run ahead
+        bar, pending = self._progress_bar(), []
+        start = time.perf_counter() - self.seconds  # a resumed run continues its clock
+        first_step, first_seconds = self.step, self.seconds
+        while not self.done():
+            pending.append(self.train_step())
+            self.seconds, stopping = self._clock(start, signals.signal is not None)
+            at_eval = self.step % self.cfg.eval_interval == 0 and not self.done()  # finish() does the last
+            if len(pending) >= sync_every or at_eval or self.done() or stopping:
+                self.record(pending, bar)
+                pending = []
+            if self.step - first_step == 10:
+                self._say_time_left(first_step, first_seconds)
+            if at_eval:
+                self.history[-1].update(self.evaluate())
+                self.say(f"step {self.step}: val loss {self.history[-1]['val_loss']:.3f} nats/token, "
+                         f"{self.history[-1]['val_loss_per_char']:.3f} nats/char")
+                self.save()
+            if self.callback is not None and self.callback(self):
+                break
+            if stopping:  # under DDP every rank stops at the same step (`_clock`)
+                self.stop_signal = signals.signal or signal.SIGINT
+                break
+        self.record(pending, bar)
+        bar.close()
 
-    def _check_not_finished(self) -> None:
+    def done(self) -> bool:
+        """Out of steps or out of time."""
         cfg = self.cfg
-        if self.done():
-            raise ValueError(f"the run in {self.out} already finished (step {self.step} of max_steps {cfg.max_steps}, "
-                             f"{self.seconds:.0f} s of max_seconds {cfg.max_seconds}): pass a larger --max-steps "
-                             "(or --max-seconds) to train further")
+        return self.step >= cfg.max_steps or (cfg.max_seconds is not None and self.seconds >= cfg.max_seconds)
 
-    def _say_resuming(self, changes: dict) -> None:
-        cfg = self.cfg
-        self.note(f"resuming {self.out / CKPT_FILE} from step {self.step} of {cfg.max_steps} "
-                  f"({self.tokens_seen:,} tokens seen, {self.seconds:.0f} s of training)")
-        self.note(f"  kept from the checkpoint: {kept_settings(cfg, changes)}")
-        shown = [f"{name} {old} -> {new}" for name, (old, new) in changes.items() if name != "progress"]
-        if shown:
-            self.note(f"  changed: {', '.join(shown)}")
+    def _clock(self, start: float, stopping: bool) -> tuple[float, bool]:
+        """(seconds of training so far, stop now?). Under DDP all ranks agree on both (the latest clock, and a
+        stop if any rank was asked), so they share the lr, the last step and the checkpoint step."""
+        seconds, stop = max_over_ranks([time.perf_counter() - start, float(stopping)], self.device, self.world)
+        return seconds, bool(stop)
 
-    def announce(self) -> None:
-        """What the run will do: device and precision, model, tokenizer, data, steps, where it saves."""
-        cfg, d, tok = self.cfg, self.data, self.data.tokenizer
-        n, total = self.model.num_params(), cfg.max_steps * self.tokens_per_step
-        limit = f" or {cfg.max_seconds:g} s, whichever comes first" if cfg.max_seconds else ""
-        self.say(f"device {self.device}, {str(self.dtype).removeprefix('torch.')}: "
-                 f"{dtype_reason(cfg.dtype, self.device, self.dtype)}")
-        model = f"{cfg.init_from} (finetuned)" if cfg.init_from else cfg.preset
-        self.say(f"model {model}: {n:,} parameters, context {cfg.max_seq_len}; "
-                 f"tokenizer {tok.name}: {tok.vocab_size:,} ids")
-        if cfg.lora_rank:
-            trained = trainable_params(self.model)
-            self.say(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {cfg.lora_targets}: {trained:,} "
-                     f"trainable parameters ({trained / n:.2%}); the rest is frozen")
-        self.say(f"data {d.source}: {len(d.train):,} training tokens ({len(d.train) / n:.2g} per parameter), "
-                 f"{len(d.val):,} validation tokens")
-        self.say(f"steps {self.step} to {cfg.max_steps}{limit}, {self.tokens_per_step:,} tokens each "
-                 f"({total / len(d.train):.1f} epochs); every {cfg.eval_interval} steps it evaluates and saves "
-                 f"{self.out / CKPT_FILE}")
-
-    def _say_time_left(self, first_step: int, first_seconds: float) -> None:
-        per_step = (self.seconds - first_seconds) / max(self.step - first_step, 1)
-        left = (self.cfg.max_steps - self.step) * per_step
-        if self.cfg.max_seconds:
-            left = min(left, max(self.cfg.max_seconds - self.seconds, 0.0))
-        self.say(f"{per_step * 1000:,.0f} ms per step: about {fmt_duration(left)} to go")
+    def record(self, pending: list[tuple[torch.Tensor, float]], bar) -> None:
+        """Move pending (loss, lr) pairs to the history (one host sync), stopping the run on NaN or infinity."""
+        if not pending:
+            return
+        first_step = self.step - len(pending) + 1
+        values = torch.stack([loss for loss, _ in pending]).tolist()
+        for i, (loss, (_, lr)) in enumerate(zip(values, pending)):
+            if not math.isfinite(loss):
+                kept = self.out / CKPT_FILE
+                raise FloatingPointError(
+                    f"training loss became {loss} at step {first_step + i}: stopped. The last good checkpoint "
+                    f"is {kept if kept.exists() else 'none (no checkpoint was written yet)'}. Lower --lr "
+                    f"(now {self.cfg.lr}), raise --warmup-steps or use --dtype fp32, then --resume, or start "
+                    "again with --overwrite.")
+            self.history.append({"step": first_step + i, "tokens": (first_step + i) * self.tokens_per_step,
+                                 "train_loss": loss, "lr": lr})
+        bar.update(self.step - bar.n)
+        last = self.history[-1]
+        bar.set_postfix(loss=f"{last['train_loss']:.3f}", lr=f"{last['lr']:.1e}",
+                        tok_s=f"{self.tokens_seen / max(self.seconds, 1e-9):,.0f}")
 
     # ---- one step -----------------------------------------------------------------------------
 
     def train_step(self) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches: (mean loss as a tensor, no sync; the lr used)."""
-        cfg = self.cfg
-        lr = lr_at(self.progress(), self.step, cfg)
+        cfg, T = self.cfg, self.model.config.max_seq_len
+        lr = lr_at(self.step, cfg, self.seconds)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             index = (self.step * cfg.grad_accum + micro) * self.world + self.rank  # ranks take disjoint windows
-            x, y = epoch_batch(self.data.train, cfg.batch_size, cfg.max_seq_len, index, seed=cfg.seed,
-                               device=self.device, split="training")
+            x, y = epoch_batch(self.data.train, cfg.batch_size, T, index, seed=cfg.seed, device=self.device,
+                               split="training")
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if last or self.world == 1 else self.net.no_sync()  # DDP: all-reduce once
             with sync, self.autocast:
@@ -495,26 +394,20 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return total, lr
 
-    def progress(self) -> float:
-        """Fraction of the decay phase done: steps after warmup, or time when a time budget runs out first."""
-        cfg = self.cfg
-        p = (self.step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
-        if cfg.max_seconds:
-            p = max(p, self.seconds / cfg.max_seconds)
-        return p
-
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.max_seq_len * self.cfg.grad_accum * self.world
+        return self.cfg.batch_size * self.model.config.max_seq_len * self.cfg.grad_accum * self.world
 
-    # ---- evaluate and save --------------------------------------------------------------------
+    # ---- evaluate -----------------------------------------------------------------------------
 
     def evaluate(self, full: bool = False) -> dict:
         """Validation loss in nats per token and per character (fixed windows, or the whole split)."""
-        d, T = self.data, self.cfg.max_seq_len
+        d, T = self.data, self.model.config.max_seq_len
         starts = val_windows(len(d.val), T) if full else self.eval_starts
         total, scored = sum_loss(self.model, d.val, starts, T, self.device, self.autocast)
         return {"val_loss": total / scored, "val_loss_per_char": per_char(total, scored, len(d.val), d.val_chars)}
+
+    # ---- save and restore ---------------------------------------------------------------------
 
     def save(self) -> None:
         """Write ckpt.pt (atomically) and the tokenizer into out_dir; only rank 0 writes."""
@@ -559,89 +452,14 @@ class Trainer:
         if self.device.type == "cuda" and ckpt["rng"]["cuda"][0] is not None:
             torch.cuda.set_rng_state(mine(ckpt["rng"]["cuda"]), self.device)
 
-    # ---- the loop -----------------------------------------------------------------------------
-
-    def run(self) -> dict:
-        """Train until max_steps or max_seconds; evaluate and save every eval_interval steps and at the end.
-
-        A first Ctrl-C (SIGINT) or SIGTERM finishes the step, saves, and returns (metrics["interrupted"]).
-        """
-        with self.lock or nullcontext(), StopSignals(announce=self.rank == 0) as signals:
-            self.announce()
-            if self.step == 0 and self.init_eval is None:  # where the run starts: the same windows as the last
-                self.init_eval = self.evaluate(full=True)
-                self.say(f"before training: val loss {self.init_eval['val_loss']:.3f} nats/token, "
-                         f"{self.init_eval['val_loss_per_char']:.3f} nats/char")
-            self._loop(signals)
-            return self.finish()
-
-    def _loop(self, signals: StopSignals) -> None:
-        sync_every = 1 if self.device.type != "cuda" else 20  # on GPUs, let the CPU run ahead
-        bar, pending = self._progress_bar(), []
-        start = time.perf_counter() - self.seconds  # a resumed run continues its clock
-        first_step, first_seconds = self.step, self.seconds
-        while not self.done():
-            pending.append(self.train_step())
-            self.seconds, stopping = self._clock(start, signals.signal is not None)
-            at_eval = self.step % self.cfg.eval_interval == 0 and not self.done()  # finish() does the last
-            if len(pending) >= sync_every or at_eval or self.done() or stopping:
-                self.record(pending, bar)
-                pending = []
-            if self.step - first_step == 10:
-                self._say_time_left(first_step, first_seconds)
-            if at_eval:
-                self.history[-1].update(self.evaluate())
-                self.say(f"step {self.step}: val loss {self.history[-1]['val_loss']:.3f} nats/token, "
-                         f"{self.history[-1]['val_loss_per_char']:.3f} nats/char")
-                self.save()
-            if self.callback is not None and self.callback(self):
-                break
-            if stopping:  # under DDP every rank stops at the same step (`_clock`)
-                self.stop_signal = signals.signal or signal.SIGINT
-                break
-        self.record(pending, bar)
-        bar.close()
-
-    def done(self) -> bool:
-        """Out of steps or out of time."""
+    def _check_not_finished(self) -> None:
         cfg = self.cfg
-        return self.step >= cfg.max_steps or (cfg.max_seconds is not None and self.seconds >= cfg.max_seconds)
+        if self.done():
+            raise ValueError(f"the run in {self.out} already finished (step {self.step} of max_steps {cfg.max_steps}, "
+                             f"{self.seconds:.0f} s of max_seconds {cfg.max_seconds}): pass a larger --max-steps "
+                             "(or --max-seconds) to train further")
 
-    def _clock(self, start: float, stopping: bool) -> tuple[float, bool]:
-        """(seconds of training so far, stop now?). Under DDP all ranks agree on both (the latest clock, and a
-        stop if any rank was asked), so they share the lr, the last step and the checkpoint step."""
-        seconds = time.perf_counter() - start
-        if self.world > 1:
-            t = torch.tensor([seconds, float(stopping)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            seconds, stopping = t[0].item(), bool(t[1].item())
-        return seconds, stopping
-
-    def record(self, pending: list[tuple[torch.Tensor, float]], bar) -> None:
-        """Move pending (loss, lr) pairs to the history (one host sync), stopping the run on NaN or infinity."""
-        if not pending:
-            return
-        first_step = self.step - len(pending) + 1
-        values = torch.stack([loss for loss, _ in pending]).tolist()
-        for i, (loss, (_, lr)) in enumerate(zip(values, pending)):
-            if not math.isfinite(loss):
-                kept = self.out / CKPT_FILE
-                raise FloatingPointError(
-                    f"training loss became {loss} at step {first_step + i}: stopped. The last good checkpoint "
-                    f"is {kept if kept.exists() else 'none (no checkpoint was written yet)'}. Lower --lr "
-                    f"(now {self.cfg.lr}), raise --warmup-steps or use --dtype fp32, then --resume, or start "
-                    "again with --overwrite.")
-            self.history.append({"step": first_step + i, "tokens": (first_step + i) * self.tokens_per_step,
-                                 "train_loss": loss, "lr": lr})
-        bar.update(self.step - bar.n)
-        last = self.history[-1]
-        bar.set_postfix(loss=f"{last['train_loss']:.3f}", lr=f"{last['lr']:.1e}",
-                        tok_s=f"{self.tokens_seen / max(self.seconds, 1e-9):,.0f}")
-
-    def _progress_bar(self):
-        from tqdm.auto import tqdm
-        return tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.cfg.progress or self.rank != 0,
-                    desc="train", unit="step", dynamic_ncols=True)
+    # ---- the end ------------------------------------------------------------------------------
 
     def finish(self) -> dict:
         """Evaluate on the whole validation split, save, and write metrics.json.
@@ -672,6 +490,60 @@ class Trainer:
                       f"{self.out / CKPT_FILE}; --resume continues it exactly (in Python: train(cfg, resume=True))")
         return metrics
 
+    # ---- what the run says --------------------------------------------------------------------
+
+    def note(self, message: str) -> None:
+        """A line for the user (rank 0), printed without breaking the progress bar."""
+        if self.rank == 0:
+            from tqdm.auto import tqdm
+            tqdm.write(message)
+
+    def say(self, message: str) -> None:
+        """A note only when progress is on: quiet runs (tests, benchmarks) stay quiet."""
+        if self.cfg.progress:
+            self.note(message)
+
+    def _say_resuming(self, changes: dict) -> None:
+        cfg = self.cfg
+        self.note(f"resuming {self.out / CKPT_FILE} from step {self.step} of {cfg.max_steps} "
+                  f"({self.tokens_seen:,} tokens seen, {self.seconds:.0f} s of training)")
+        self.note(f"  kept from the checkpoint: {kept_settings(cfg, changes)}")
+        shown = [f"{name} {old} -> {new}" for name, (old, new) in changes.items() if name != "progress"]
+        if shown:
+            self.note(f"  changed: {', '.join(shown)}")
+
+    def announce(self) -> None:
+        """What the run will do: device and precision, model, tokenizer, data, steps, where it saves."""
+        cfg, d, tok = self.cfg, self.data, self.data.tokenizer
+        n, total = self.model.num_params(), cfg.max_steps * self.tokens_per_step
+        limit = f" or {cfg.max_seconds:g} s, whichever comes first" if cfg.max_seconds else ""
+        self.say(f"device {self.device}, {str(self.dtype).removeprefix('torch.')}: "
+                 f"{dtype_reason(cfg.dtype, self.device, self.dtype)}")
+        model = f"{cfg.init_from} (finetuned)" if cfg.init_from else cfg.preset
+        self.say(f"model {model}: {n:,} parameters, context {self.model.config.max_seq_len}; "
+                 f"tokenizer {tok.name}: {tok.vocab_size:,} ids")
+        if cfg.lora_rank:
+            trained = trainable_params(self.model)
+            self.say(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {cfg.lora_targets}: {trained:,} "
+                     f"trainable parameters ({trained / n:.2%}); the rest is frozen")
+        self.say(f"data {d.source}: {len(d.train):,} training tokens ({len(d.train) / n:.2g} per parameter), "
+                 f"{len(d.val):,} validation tokens")
+        self.say(f"steps {self.step} to {cfg.max_steps}{limit}, {self.tokens_per_step:,} tokens each "
+                 f"({total / len(d.train):.1f} epochs); every {cfg.eval_interval} steps it evaluates and saves "
+                 f"{self.out / CKPT_FILE}")
+
+    def _say_time_left(self, first_step: int, first_seconds: float) -> None:
+        per_step = (self.seconds - first_seconds) / max(self.step - first_step, 1)
+        left = (self.cfg.max_steps - self.step) * per_step
+        if self.cfg.max_seconds:
+            left = min(left, max(self.cfg.max_seconds - self.seconds, 0.0))
+        self.say(f"{per_step * 1000:,.0f} ms per step: about {fmt_duration(left)} to go")
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+        return tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.cfg.progress or self.rank != 0,
+                    desc="train", unit="step", dynamic_ncols=True)
+
 
 def train(cfg: TrainConfig, *, data: TokenData | None = None, resume: bool = False, overwrite: bool = False,
           callback=None) -> dict:
@@ -684,9 +556,13 @@ def train(cfg: TrainConfig, *, data: TokenData | None = None, resume: bool = Fal
     """
     try:
         metrics = Trainer(cfg, data=data, resume=resume, overwrite=overwrite, callback=callback).run()
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears the process group down while another still uses it
+        wait_for_all_ranks()
         return metrics
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
+
+
+def fmt_duration(seconds: float) -> str:
+    """4 s, 3.5 min, 2.1 h."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
