@@ -18,6 +18,7 @@ One module per lesson, in lesson order; a later lesson's checkers import an earl
     lesson_04   SwiGLU's hidden size, the feed-forward, RMSNorm, the block
     lesson_05   the full model, its parameter count, its KV cache in bytes
     lesson_06   cross-entropy, batches, the learning-rate schedule, sampling
+    lesson_07   LoRA: the adapted layer, merging it, counting what it trains
 
 Besides the checkers, the package re-exports (`name as name`) what the tests replay: each checker's own
 list of mistakes, its hints and inputs.
@@ -55,6 +56,7 @@ from .lesson_05 import _llama_mistakes as _llama_mistakes
 from .lesson_05 import check_count_params, check_kv_cache_bytes, check_llama
 from .lesson_06 import _sampling_mistakes as _sampling_mistakes
 from .lesson_06 import check_batch, check_cross_entropy_loss, check_lr_schedule, check_sample_next
+from .lesson_07 import check_lora_linear, check_lora_params, check_merge_lora
 
 __all__ = [
     "NotAttempted", "run_check",
@@ -64,4 +66,5 @@ __all__ = [
     "check_feed_forward", "check_swiglu_hidden_dim", "check_rmsnorm", "check_block",
     "check_llama", "check_count_params", "check_kv_cache_bytes",
     "check_cross_entropy_loss", "check_batch", "check_lr_schedule", "check_sample_next",
+    "check_lora_linear", "check_merge_lora", "check_lora_params",
 ]
