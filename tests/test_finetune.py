@@ -55,7 +55,7 @@ def test_cli_finetune_starts_from_the_checkpoint_and_keeps_its_tokenizer(base_ru
     assert m["init_val_loss_per_char"] == pytest.approx(base_metrics["val_loss_per_char"], rel=1e-6)
     assert m["params"] == m["trainable_params"] == base_metrics["params"]
     tc = m["train_config"]
-    assert (tc["lr"], tc["warmup_steps"], tc["weight_decay"], tc["max_seq_len"]) == (1e-4, 2, 0.0, 32)
+    assert (tc["lr"], tc["warmup_steps"], tc["weight_decay"], tc["max_seq_len"]) == (1e-4, 0, 0.0, 32)
     assert (tc["preset"], tc["tokenizer"], tc["init_from"]) == ("checkpoint", "checkpoint", str(base))
     model, tok = load_model(out)
     assert tok.name == "char" and model.config == load_pretrained(base).config
@@ -100,12 +100,13 @@ def test_lora_resume_continues_exactly(base_run, corpus, monkeypatch, tmp_path):
     base, _ = base_run
     monkeypatch.setenv("LLAMA_DATA_DIR", str(corpus[0]))
     cfg = lambda d: TrainConfig(init_from=str(base), lora_rank=2, dataset=str(corpus[0] / "small.txt"),
-                                out_dir=str(tmp_path / d), **{**SMALL, "max_steps": 6})
+                                max_seq_len=None, out_dir=str(tmp_path / d), **{**SMALL, "max_steps": 6})
     full = train(cfg("a"))
     train(cfg("b"), callback=lambda t: t.step == 3)  # "crash" after step 3
     resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), progress=False), resume=True)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     assert resumed["init_val_loss_per_char"] == full["init_val_loss_per_char"]
+    assert full["train_config"]["max_seq_len"] == 32, "max_seq_len None: the checkpoint's context"
     a, b = load_checkpoint(tmp_path / "a")["model"], load_checkpoint(tmp_path / "b")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -168,7 +169,8 @@ def test_finetune_of_an_hf_folder_keeps_its_tokenizer_and_chat_template(hf_folde
     tok, original = load_tokenizer(out), HFTokenizer(hf_folder / "tokenizer.json")
     text = (corpus[0] / "small.txt").read_text()[:3000]
     assert tok.encode(text) == original.encode(text) and tok.decode(tok.encode(text)) == text
-    assert tok.chat_template == TEMPLATE and tok.eos_token == "</s>" and tok.name == original.name
+    assert tok.chat_template == TEMPLATE and tok.eos_token == "</s>" and tok.name == f"tokenizers:{hf_folder.name}"
+    assert m["tokenizer"] == tok.name, "no path of this machine in metrics.json"
     assert main(["chat", "--checkpoint", str(out), "--message", "hello", "--max-new-tokens", "4", "--seed", "0"]) == 0
 
 

@@ -10,6 +10,7 @@ here (`FINETUNE_DEFAULTS`): a small learning rate, a short warmup, no weight dec
 """
 
 from dataclasses import fields, replace
+from pathlib import Path
 
 import torch
 
@@ -23,14 +24,16 @@ MAX_DEFAULT_CONTEXT = 1024      # --init-from without --max-seq-len: the checkpo
 
 # settings left at their from-scratch default take these when finetuning: (full finetune, LoRA). A pretrained
 # model wants small steps (lr 4e-3 would wreck it) and no weight decay pulling its weights towards zero;
-# LoRA's adapters start at zero and take larger steps.
-FINETUNE_DEFAULTS = {"lr": (1e-4, 2e-3), "warmup_steps": (2, 2), "weight_decay": (0.0, 0.0)}
+# LoRA's adapters start at zero and take larger steps; no warmup: a CPU finetune may get only a few steps.
+FINETUNE_DEFAULTS = {"lr": (1e-4, 2e-3), "warmup_steps": (0, 0), "weight_decay": (0.0, 0.0)}
 
 
 def finetune_config(cfg, given: set[str] | None = None):
     """A TrainConfig for a run from cfg.init_from: shape and tokenizer from the checkpoint, finetune defaults.
 
     `given` names the settings the user set (the command line knows); None: those away from their default.
+    max_seq_len None means the checkpoint's context (at most MAX_DEFAULT_CONTEXT): what the command line
+    does without --max-seq-len; in Python, max_seq_len keeps its value (default 128) unless set to None.
     Settings that contradict the checkpoint raise a ValueError; LoRA without --init-from too.
     """
     if not cfg.init_from:
@@ -39,7 +42,7 @@ def finetune_config(cfg, given: set[str] | None = None):
         return cfg
     if cfg.preset == FROM_CHECKPOINT:
         return cfg  # done already
-    default = type(cfg)()
+    default, cli = type(cfg)(), given is not None
     if given is None:
         given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
     if "tokenizer" in given:
@@ -56,7 +59,7 @@ def finetune_config(cfg, given: set[str] | None = None):
     changes = {name: values[lora] for name, values in FINETUNE_DEFAULTS.items() if name not in given}
     if lora and cfg.lora_alpha is None:
         changes["lora_alpha"] = 2.0 * cfg.lora_rank
-    if "max_seq_len" not in given:
+    if cfg.max_seq_len is None or (cli and "max_seq_len" not in given):
         changes["max_seq_len"] = None  # the checkpoint's context (at most MAX_DEFAULT_CONTEXT), set when it loads
     return replace(cfg, preset=FROM_CHECKPOINT, tokenizer=FROM_CHECKPOINT, **changes)
 
@@ -74,6 +77,7 @@ def init_tokenizer(path: str):
         raise FileNotFoundError(f"{path} ships no tokenizer we can load (tokenizer.json, tokenizer.model, or a GGUF's "
                                 "tokenizer.ggml.*), and finetuning needs the model's own: copy its tokenizer file "
                                 "next to the weights")
+    tok.name = f"{tok.name.split(':', 1)[0]}:{Path(path).name}"  # e.g. gguf:model.gguf, without this machine's path
     if not getattr(tok, "chat_template", None):  # an HF folder keeps it beside tokenizer.json
         template, special = load_chat_template(path, tok)
         if template:

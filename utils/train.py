@@ -98,7 +98,7 @@ class TrainConfig:
                                     "the schedule then follows the clock")
     lr: float = arg(4e-3, "peak learning rate (with --init-from, unless given: 1e-4, with LoRA 2e-3)")
     min_lr_ratio: float = arg(0.0, "the cosine schedule decays to lr * min_lr_ratio")
-    warmup_steps: int = arg(50, "steps of linear warmup (with --init-from, unless given: 2)")
+    warmup_steps: int = arg(50, "steps of linear warmup (with --init-from, unless given: 0)")
     weight_decay: float = arg(1.0, "AdamW weight decay (matrices only); strong, since 1M parameters memorise "
                               "1 MB of text (benchmarks/train_shakespeare.md); with --init-from, unless given: 0")
     beta1: float = arg(0.9, "AdamW beta1")
