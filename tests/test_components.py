@@ -220,17 +220,21 @@ def test_cpu_bf16_autocast_attends_in_fp32_and_stays_close_to_fp32(monkeypatch):
     assert torch.isfinite(g).all() and F.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0) > 0.99
 
 
-def test_auto_dtype_uses_bf16_on_cpus_where_it_is_native_and_measured_faster(monkeypatch):
+def test_auto_dtype_uses_bf16_on_cpus_with_amx_or_avx512_bf16(monkeypatch):
     from utils import device as d
-    expected = torch.bfloat16 if d.cpu_prefers_bf16() else torch.float32
-    assert d.pick_dtype("auto", torch.device("cpu")) == expected
-    monkeypatch.setattr(d, "cpu_has_bf16_matmul", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    for speedup, dtype in ((2.0, torch.bfloat16), (1.1, torch.float32)):
-        monkeypatch.setattr(d, "cpu_bf16_speedup", lambda s=speedup: s)
-        assert d.pick_dtype("auto", torch.device("cpu")) == dtype
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert d.pick_dtype("auto", torch.device("cpu")) == torch.float32  # no bf16 instructions: never measured
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, dtype, why in ((True, True, torch.bfloat16, "AMX"),
+                                         (False, True, torch.bfloat16, "AVX512-BF16"),
+                                         (False, False, torch.float32, "no bf16 matrix instructions")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512_bf16: b, raising=False)
+        assert d.pick_dtype("auto", cpu) == dtype and why in d.dtype_reason("auto", cpu, dtype)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older PyTorch: the flags Linux lists
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    for flags, dtype in (({"amx_bf16", "amx_tile", "avx512f"}, torch.bfloat16), ({"avx512_bf16"}, torch.bfloat16),
+                         ({"avx512f", "avx2"}, torch.float32)):
+        monkeypatch.setattr(d, "cpu_flags", lambda f=flags: frozenset(f))
+        assert d.pick_dtype("auto", cpu) == dtype
     from utils.device import pick_dtype
     assert pick_dtype("fp32", torch.device("cpu")) == torch.float32
 

@@ -20,6 +20,14 @@ def cos_sin_from_position_one(head_dim, max_seq_len, theta=10000.0):
     return angles.cos(), angles.sin()
 
 
+def cos_sin_of(frequencies):
+    """A learner's tables with the frequencies computed inline by `frequencies(head_dim, theta)`."""
+    def rope_cos_sin(head_dim, max_seq_len, theta=10000.0):
+        angles = torch.outer(torch.arange(max_seq_len).float(), frequencies(head_dim, theta).float())
+        return angles.cos(), angles.sin()
+    return rope_cos_sin
+
+
 def frequencies_step_one(head_dim, theta=10000.0):
     return 1.0 / theta ** (torch.arange(head_dim // 2) / head_dim)
 
@@ -42,11 +50,19 @@ MISTAKES = [  # every wrong version and the words its message must contain
     (ex.check_rope, lambda x, cos, sin: x.clone(), "no rotation applied"),
     (ex.check_rope_cos_sin, cos_sin_from_position_one, "off by one: positions start at 0"),
     (ex.check_rope_cos_sin, lambda hd, S, theta=10000.0: rope_cos_sin(hd, S, theta)[::-1], "returned (sin, cos)"),
+    (ex.check_rope_cos_sin, lambda hd, S, theta=10000.0: tuple(t.T for t in rope_cos_sin(hd, S, theta)),
+     "tables are (head_dim/2, max_seq_len)"),
+    (ex.check_rope_cos_sin, cos_sin_of(frequencies_fixed_theta), "the frequency ladder is wrong (theta ignored"),
+    (ex.check_rope_cos_sin, cos_sin_of(lambda hd, theta: rope_frequencies(hd, theta).repeat(2)),
+     "Hugging Face's (max_seq_len, head_dim) tables"),
+    (ex.check_rope_cos_sin, cos_sin_of(lambda hd, theta: theta ** (torch.arange(0, hd, 2) / hd)),
+     "the frequency ladder is wrong (frequencies grow with i)"),
     (ex.check_rope_frequencies, frequencies_step_one, "step i by 2"),
     (ex.check_rope_frequencies, frequencies_fixed_theta, "theta ignored"),
     (ex.check_rope_frequencies, lambda hd, theta=1e4: theta ** (torch.arange(0, hd, 2) / hd), "grow with i"),
     (ex.check_permute_hf_to_meta, permute_meta_to_hf, "the other direction"),
     (ex.check_permute_hf_to_meta, lambda w, n_heads: permute_hf_to_meta(w, 1), "as one head"),
+    (ex.check_permute_hf_to_meta, lambda w, n: w.view(n, 2, -1, w.shape[1]).reshape(w.shape), "without the transpose"),
 ]
 
 
@@ -59,6 +75,12 @@ def test_every_checker_accepts_the_utils_reference(checker):
 def test_checker_names_the_mistake(checker, candidate, words):
     message = rejection(checker, candidate)
     assert words in message, message
+
+
+def test_tables_with_a_frequency_exponent_stepped_by_one_name_the_frequencies():
+    assert rejection(ex.check_rope_cos_sin, cos_sin_of(frequencies_step_one)) == (
+        "the frequency ladder is wrong (exponent -i/head_dim): step i by 2, torch.arange(0, head_dim, 2) / head_dim; "
+        "or call rope_frequencies(head_dim, theta) (input: head_dim=8, max_seq_len=6, theta=10000.0)")
 
 
 @pytest.mark.parametrize("checker, candidate", [

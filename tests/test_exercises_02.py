@@ -11,7 +11,7 @@ import torch
 from tests.checking import function_like, learner_attention, module_like, rejection
 from utils import exercises as ex
 from utils.attention import Attention, causal_mask, repeat_kv
-from utils.rope import rope_cos_sin
+from utils.rope import apply_rotary_emb, rope_cos_sin
 
 # ---- attention, as learners get it wrong (learner_attention is in tests/checking.py) ---------------
 
@@ -29,10 +29,15 @@ REFERENCES = {
 MISTAKES = [  # every wrong version and the words its message must contain
     (ex.check_repeat_kv, lambda x, n_rep: x.repeat(1, n_rep, 1, 1), "tiled instead of grouped"),
     (ex.check_repeat_kv, lambda x, n_rep: torch.repeat_interleave(x, n_rep, dim=2), "along the sequence"),
+    (ex.check_repeat_kv, lambda x, n_rep: x[:, :, None].expand(-1, -1, n_rep, -1, -1), "is a reshape or a squeeze"),
+    (ex.check_repeat_kv, lambda x, n_rep: x[:, None].expand(-1, n_rep, -1, -1, -1).flatten(1, 2),
+     "tiled instead of grouped"),
     (ex.check_causal_mask, lambda q, kv: torch.ones(q, kv, dtype=torch.bool).tril(), "aligned top-left"),
     (ex.check_causal_mask, lambda q, kv: torch.ones(q, kv, dtype=torch.bool).triu(kv - q + 1),
      "True marks the blocked"),
     (ex.check_causal_mask, lambda q, kv: torch.full((q, kv), float("-inf")).triu(kv - q + 1), "additive mask"),
+    (ex.check_causal_mask, lambda q, kv: torch.arange(kv)[None] < torch.arange(kv - q, kv)[:, None],
+     "the diagonal is masked"),
     (ex.check_attention, learner_attention("no mask"), "no causal mask"),
     (ex.check_attention, learner_attention("no scale"), "scores not scaled"),
     (ex.check_attention, learner_attention("rope on v"), "RoPE applied to v"),
@@ -60,6 +65,41 @@ def test_checker_names_the_mistake(checker, candidate, words):
 ])
 def test_a_correct_implementation_written_differently_passes(checker, candidate):
     assert checker(candidate) is None
+
+
+# ---- a right attention on an unwritten exercise 1 or 2 ----------------------------------------------
+
+def notebook_stubs() -> dict:
+    """Exercises 1 and 2 as the notebook hands them out (named as there, so defined in here)."""
+    def repeat_kv(x, n_rep):
+        raise NotImplementedError  # your code here
+
+    def causal_mask(q_len, kv_len, device=None):
+        raise NotImplementedError  # your code here
+    return {"repeat": repeat_kv, "mask": causal_mask}
+
+
+def attention_calling(repeat=repeat_kv, mask=causal_mask):
+    """A learner's right Attention that calls the notebook's repeat_kv and causal_mask, whatever they are."""
+    class Attention(learner_attention()):
+        def forward(self, x, cos, sin, start_pos=0):
+            B, T, _ = x.shape
+            q, k, v = (w(x).view(B, T, -1, self.head_dim) for w in (self.wq, self.wk, self.wv))
+            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            n_rep = self.n_heads // self.n_kv_heads
+            k, v = repeat(k, n_rep), repeat(v, n_rep)
+            scores = (q @ k.transpose(-2, -1) / self.head_dim ** 0.5).masked_fill(~mask(T, T), float("-inf"))
+            return self.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+    return Attention
+
+
+@pytest.mark.parametrize("stub, exercise", [("repeat", "exercise 1 (repeat_kv)"), ("mask", "exercise 2 (causal_mask)")])
+def test_a_right_attention_on_an_unwritten_stub_says_which_exercise_comes_first(stub, exercise):
+    assert ex.check_attention(attention_calling()) is None
+    result = ex.run_check(ex.check_attention, attention_calling(**{stub: notebook_stubs()[stub]}))
+    name = exercise.split("(")[1][:-1]
+    assert result == f"⏳ Attention calls {name}, which is not attempted yet: do {exercise} first", result
 
 
 # ---- every mistake a checker lists is reachable, and named by its own message ----------------------

@@ -33,6 +33,8 @@ def learner_cached_attention(mistake=None):
 
         def forward(self, x, cos, sin, start_pos=0):
             B, T, _ = x.shape
+            if mistake == "cos sliced again":  # they are already the rows of start_pos .. start_pos + T - 1
+                cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
             q = apply_rotary_emb(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
             k = apply_rotary_emb(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -104,6 +106,7 @@ def test_the_utils_attention_and_a_learners_correct_version_pass():
     ("mask only without a cache", "no causal mask with the cache"),
     ("own cache", "self.cache does not hold the keys"),
     ("no scale", "without a cache (self.cache is None): scores not scaled"),
+    ("cos sliced again", "cos and sin sliced again at start_pos: they are already the rows of positions start_pos"),
 ])
 def test_the_checker_names_the_mistake(mistake, words):
     message = rejection(learner_cached_attention(mistake))
@@ -170,15 +173,21 @@ def learner_cache(mistake=None):
             self.k = torch.zeros(batch_size, n_kv_heads, max_seq_len, head_dim)
             self.v = torch.zeros(batch_size, n_kv_heads, max_seq_len, head_dim)
 
+            self.pos = 0
+
         def update(self, start_pos, xk, xv):
-            T = xk.shape[2]
-            at = 0 if mistake == "write at 0" else start_pos
-            self.k[:, :, at:at + T], self.v[:, :, at:at + T] = xk, xv
+            B, _, T, _ = xk.shape
+            at = {"write at 0": 0, "own counter": 0 if start_pos == 0 else self.pos}.get(mistake, start_pos)
+            self.pos = at + T if mistake == "own counter" else start_pos + T
+            rows = slice(None) if mistake == "every row" else slice(B)  # [:B], as Meta's cache_k[:bsz]
+            self.k[rows, :, at:at + T], self.v[rows, :, at:at + T] = xk, xv
+            if mistake == "read every row":
+                rows = slice(None)
             if mistake == "only new":
                 return xk, xv
             if mistake == "whole buffer":
                 return self.k, self.v
-            return self.k[:, :, :start_pos + T], self.v[:, :, :start_pos + T]
+            return self.k[rows, :, :self.pos], self.v[rows, :, :self.pos]
     return MyCache
 
 
@@ -213,7 +222,17 @@ MISTAKES_CACHE = [  # every wrong version and the words its message must contain
     (ex.check_kv_cache, learner_cache("whole buffer"), "whole buffer"),
     (ex.check_kv_cache, learner_cache("write at 0"), "at position 0 instead of at start_pos"),
     (ex.check_kv_cache, AppendingCache, "appended (torch.cat)"),
+    (ex.check_kv_cache, learner_cache("every row"), "wrote a batch of 1 into every row of the cache"),
+    (ex.check_kv_cache, learner_cache("read every row"), "returned every row of the cache for a smaller batch"),
 ]
+
+
+def test_a_cache_with_its_own_position_counter_is_caught_when_the_caller_goes_back():
+    message = checking.rejection(ex.check_kv_cache, learner_cache("own counter"))
+    assert message == ("kept its own position counter instead of using start_pos: the caller may go back (to "
+                       "start_pos 2 after 4 tokens here, as when a reply is regenerated); write at start_pos and "
+                       "return :start_pos + T (input: start_pos=2, xk (2, 2, 1, 4), xv (2, 2, 1, 4), after writes "
+                       "at start_pos [0, 3, 4, 0, 2])"), message
 
 
 @pytest.mark.parametrize("checker", REFERENCES_CACHE, ids=lambda c: c.__name__)

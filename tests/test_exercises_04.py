@@ -98,6 +98,10 @@ def learner_rmsnorm(mistake=None):
                 self.weight = nn.Parameter(torch.ones(dim))
 
         def forward(self, x):
+            if mistake == "constant eps":
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+            if mistake == "no keepdim":
+                return x * torch.rsqrt(x.pow(2).mean(-1) + self.eps) * self.weight
             if mistake == "layernorm":
                 x = x - x.mean(-1, keepdim=True)
             if mistake == "eps outside":
@@ -131,20 +135,23 @@ class TransposedFeedForward(learner_ffn()):
 
 # ---- the block, as learners get it wrong -----------------------------------------------------------
 
-def learner_block(mistake=None):
+def learner_block(mistake=None, feed_forward=FeedForward):
     class MyBlock(nn.Module):
         def __init__(self, config):
             super().__init__()
+            eps = () if mistake == "default eps" else (config.norm_eps,)
             self.attention = Attention(config.dim, config.n_heads, config.n_kv_heads)
-            self.feed_forward = FeedForward(config.dim, config.hidden_dim)
-            self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+            self.feed_forward = feed_forward(config.dim, config.hidden_dim)
+            self.attention_norm = RMSNorm(config.dim, *eps)
             if mistake != "one norm defined":
-                self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+                self.ffn_norm = RMSNorm(config.dim, *eps)
 
         def forward(self, x, cos, sin, start_pos=0):
             if mistake == "post-norm":
                 h = self.attention_norm(x + self.attention(x, cos, sin, start_pos))
                 return self.ffn_norm(h + self.feed_forward(h))
+            if mistake == "start_pos dropped":
+                start_pos = 0  # as if the attention were called as self.attention(h, cos, sin)
             ffn_norm = self.attention_norm if mistake == "shared norm" else self.ffn_norm
             h = self.attention(self.attention_norm(x), cos, sin, start_pos)
             h = h if mistake == "no residual" else x + h
@@ -183,6 +190,8 @@ MISTAKES = [  # every wrong version and the words its message must contain
     (ex.check_rmsnorm, learner_rmsnorm("no weight"), "weight not applied"),
     (ex.check_rmsnorm, learner_rmsnorm("no weight parameter"), "missing weight"),
     (ex.check_rmsnorm, learner_rmsnorm("norm"), "L2 norm, not the RMS"),
+    (ex.check_rmsnorm, learner_rmsnorm("constant eps"), "the eps argument ignored"),
+    (ex.check_rmsnorm, learner_rmsnorm("no keepdim"), "mean(-1, keepdim=True) keeps the mean broadcastable"),
     (ex.check_rmsnorm, PlainTensorNorm, "weight as a plain tensor: wrap it in nn.Parameter"),
     (ex.check_rmsnorm, NotAModuleNorm, "must subclass nn.Module"),
     # the block
@@ -190,7 +199,36 @@ MISTAKES = [  # every wrong version and the words its message must contain
     (ex.check_block, learner_block("no residual"), "missing residual around attention"),
     (ex.check_block, learner_block("shared norm"), "one shared norm"),
     (ex.check_block, learner_block("one norm defined"), "missing ffn_norm.weight"),
+    (ex.check_block, learner_block("default eps"), "the norms ignore config.norm_eps"),
 ]
+
+
+def test_a_block_that_drops_start_pos_is_caught_at_the_decode_step_after_the_prompt():
+    message = rejection(ex.check_block, learner_block("start_pos dropped"))
+    assert message == ("start_pos not passed on: with a KV cache the attention must write the new keys at "
+                       "start_pos, self.attention(self.attention_norm(x), cos, sin, start_pos) (input: x (2, 1, 32), "
+                       "cos (1, 4), sin (1, 4), start_pos=3, a KV cache holding positions 0 .. 2)"), message
+
+
+def stub_feed_forward(weights_written=False):
+    """Exercise 1 as the notebook hands it out, or with its weights written and its forward still a stub."""
+    class MyFeedForward(learner_ffn() if weights_written else nn.Module):
+        def __init__(self, dim, hidden_dim):
+            if weights_written:
+                super().__init__(dim, hidden_dim)
+            else:
+                super().__init__()
+                ...  # your code here: self.w1, self.w2, self.w3
+
+        def forward(self, x):
+            raise NotImplementedError  # your code here
+    return MyFeedForward
+
+
+@pytest.mark.parametrize("weights_written", [False, True])
+def test_a_right_block_on_an_unwritten_feed_forward_says_which_exercise_comes_first(weights_written):
+    result = ex.run_check(ex.check_block, learner_block(feed_forward=stub_feed_forward(weights_written)))
+    assert result == "⏳ MyBlock calls MyFeedForward, which is not attempted yet: do exercise 1 (MyFeedForward) first"
 
 
 @pytest.mark.parametrize("checker", REFERENCES, ids=lambda c: c.__name__)

@@ -31,7 +31,7 @@ def llama_learner(mistake=None):
             self.config = config
             self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
             self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
-            self.norm = RMSNorm(config.dim, config.norm_eps)
+            self.norm = RMSNorm(config.dim) if mistake == "default eps" else RMSNorm(config.dim, config.norm_eps)
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
             if config.tie_embeddings and mistake != "untied":
                 self.output.weight = self.tok_embeddings.weight
@@ -79,6 +79,7 @@ def test_llama_checker_accepts_the_reference_and_a_learners_model():
     ("no start_pos to blocks", "start_pos not passed to the blocks"),
     ("start_pos ignored", "start_pos not passed to the blocks"),
     ("untied", "has its own output matrix although config.tie_embeddings is set"),
+    ("default eps", "the final norm ignores config.norm_eps"),
 ])
 def test_llama_checker_names_the_mistake(mistake, message):
     assert message in ex.run_check(ex.check_llama, llama_learner(mistake))
@@ -160,6 +161,14 @@ def test_count_checker_names_the_mistake(mistake, message):
     assert message in rejection(ex.check_count_params, count_learner(mistake))
 
 
+def test_count_checker_names_two_mistakes_at_once():
+    def one_block_without_the_final_norm(config):
+        return count_learner("one block")(config) - config.dim
+    assert rejection(ex.check_count_params, one_block_without_the_final_norm) == (
+        "the final norm is missing: after the last block, norm.weight (dim) before the output layer; and a second "
+        "mistake: one block counted (input: vocab 100, dim 32, 2 layers, 4 heads, 2 KV heads, hidden 80, untied)")
+
+
 def test_count_checker_names_a_state_dict_sum_on_a_tied_model():
     assert "a tied output layer counted twice" in rejection(ex.check_count_params, count_from_state_dict)
 
@@ -217,6 +226,32 @@ def test_kv_checker_names_the_mistake(mistake, message):
 
 def test_kv_checker_asks_for_a_number():
     assert "return a number of bytes" in rejection(ex.check_kv_cache_bytes, lambda *args: "2 GB")
+
+
+def test_kv_checker_asks_for_an_int_not_a_float():
+    def with_true_division(config, batch_size, seq_len, bytes_per_element):
+        head_dim = config.dim / config.n_heads  # a float
+        return 2 * config.n_layers * batch_size * seq_len * config.n_kv_heads * head_dim * bytes_per_element
+    message = rejection(ex.check_kv_cache_bytes, with_true_division)
+    assert message.startswith("returned 5760.0, a float (dim / n_heads gives one): return an int, with "
+                              "dim // n_heads or int(...) (input: vocab 64, dim 32, 3 layers"), message
+
+
+def test_kv_checker_names_two_mistakes_at_once_in_a_short_message():
+    def n_heads_and_one_layer(config, batch_size, seq_len, bytes_per_element):
+        return 2 * batch_size * seq_len * config.n_heads * (config.dim // config.n_heads) * bytes_per_element
+    message = rejection(ex.check_kv_cache_bytes, n_heads_and_one_layer)
+    assert message == ("K/V heads counted with n_heads: the cache holds only the n_kv_heads shared K/V heads (GQA); "
+                       "and a second mistake: one layer (input: vocab 64, dim 32, 3 layers, 4 heads, 2 KV heads, "
+                       "hidden 64, untied; batch_size=3, seq_len=10, bytes_per_element=2)"), message
+
+
+def test_kv_checker_without_a_diagnosis_shows_one_case_and_the_ratio():
+    message = rejection(ex.check_kv_cache_bytes, lambda config, B, T, n: 3 * kv_learner()(config, B, T, n))
+    assert message.startswith("case 1 of 4: expected 5760, got 17280 (3 times the answer) (input: vocab 64, dim 32, "
+                              "3 layers, 4 heads, 2 KV heads, hidden 64, untied; batch_size=3, seq_len=10, "
+                              "bytes_per_element=2). 2 (keys and values) * n_layers"), message
+    assert len(message) < 300, len(message)
 
 
 # ---- the notebook's exercises with the solutions filled in --------------------------------------------

@@ -108,8 +108,18 @@ def batch_learner(mistake=None):
             xs.append(x)
             ys.append(y)
         x, y = torch.stack(xs), torch.stack(ys)
+        if mistake == "roll":
+            y = torch.roll(x, -1, dims=1)
         return (x.int(), y.int()) if mistake == "int32" else (x, y)
     return make_batch
+
+
+def batch_at_random_starts(ids, starts, max_seq_len):
+    """nanoGPT's get_batch: draws its own positions instead of taking the given starts."""
+    ix = torch.randint(len(ids) - max_seq_len, (len(starts),))
+    x = torch.stack([ids[i:i + max_seq_len] for i in ix])
+    y = torch.stack([ids[i + 1:i + 1 + max_seq_len] for i in ix])
+    return x, y
 
 
 def test_batch_checker_accepts_the_reference_and_a_loop():
@@ -131,6 +141,26 @@ def test_batch_checker_names_the_mistake(mistake, message):
     assert message in rejection(ex.check_batch, batch_learner(mistake))
 
 
+def test_batch_checker_names_torch_roll():
+    assert rejection(ex.check_batch, batch_learner("roll")) == (
+        "y made by rolling x (torch.roll): its last token wraps around to x's first; cut y from ids, "
+        "ids[s + 1 : s + max_seq_len + 1], so that it ends with the token after the window (input: ids (40,), "
+        "starts (3,), max_seq_len=6)")
+
+
+def test_batch_checker_names_windows_at_starts_of_its_own():
+    assert rejection(ex.check_batch, batch_at_random_starts).startswith(
+        "right windows, but not at the given starts: x[i] must begin at ids[starts[i]]")
+
+
+def test_an_unnamed_batch_mistake_is_reported_by_position_and_id_not_by_a_difference_of_ids():
+    def last_target_repeated(ids, starts, max_seq_len):
+        x, y = batch_learner()(ids, starts, max_seq_len)
+        return x, torch.cat([y[:, :-1], y[:, -2:-1]], dim=1)
+    message = rejection(ex.check_batch, last_target_repeated)
+    assert message.startswith("y: 3 of 18 entries differ, the first at [0, 5]: expected "), message
+
+
 def test_batch_checker_accepts_numpy_indexing_too():
     def with_numpy(ids, starts, T):
         a = ids.numpy()[starts.numpy()[:, None] + np.arange(T + 1)]
@@ -148,6 +178,10 @@ def utils_lr(step, max_steps, warmup_steps, lr, min_lr):
 def lr_learner(mistake=None):
     """A learner's schedule, written out; `mistake` picks one bug."""
     def lr_schedule(step, max_steps, warmup_steps, lr, min_lr):
+        if mistake == "nanoGPT warmup" and step < warmup_steps:
+            return lr * (step + 1) / (warmup_steps + 1)  # nanoGPT's get_lr
+        if mistake == "warmup <=" and step <= warmup_steps:
+            return lr * (step + 1) / warmup_steps
         if mistake not in ("no warmup", "no warmup from 0") and step < warmup_steps:
             return lr * step / warmup_steps if mistake == "warmup off by one" else lr * (step + 1) / warmup_steps
         if mistake in ("from step 0", "no warmup from 0"):
@@ -181,9 +215,17 @@ def test_lr_checker_accepts_the_trainers_schedule_and_a_written_out_one():
     ("to zero", "cosine ends at 0, not at min_lr"),
     ("linear", "linear decay, not cosine"),
     ("full period", "a whole cosine period"),
+    ("warmup <=", "warmup one step too long (step <= warmup_steps)"),
 ])
 def test_lr_checker_names_the_mistake(mistake, message):
     assert message in rejection(ex.check_lr_schedule, lr_learner(mistake))
+
+
+def test_lr_checker_names_nanogpts_warmup():
+    assert rejection(ex.check_lr_schedule, lr_learner("nanoGPT warmup")) == (
+        "warmup divided by warmup_steps + 1 (as nanoGPT's get_lr): the peak lr is reached at step warmup_steps - 1, "
+        "lr * (step + 1) / warmup_steps (input: max_steps=40, warmup_steps=10, lr=1.0, min_lr=0.1, every step 0 .. "
+        "max_steps)")
 
 
 def test_lr_checker_asks_for_a_number():
@@ -220,7 +262,9 @@ def learner_sampler(mistake=None):
             return logits.argmax(dim=-1)
         if mistake == "in place":
             logits /= temperature
-        elif mistake != "temperature after softmax":
+        elif mistake == "no temperature with top_k" and top_k is None:
+            logits = logits / temperature
+        elif mistake not in ("temperature after softmax", "top_p before temperature", "no temperature with top_k"):
             logits = logits / temperature
         if top_k is not None and mistake != "top_k ignored":
             kth = torch.topk(logits, top_k).values[:, [-1]]
@@ -230,11 +274,15 @@ def learner_sampler(mistake=None):
             probs = probs / temperature
         gen = None if mistake == "no generator" else generator
         if top_p is not None:
-            sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+            sorted_p, idx = torch.sort(probs, dim=-1, descending=mistake != "ascending")
             cum = sorted_p.cumsum(-1)
             sorted_p[(cum > top_p) if mistake == "drop crossing" else (cum - sorted_p > top_p)] = 0.0
+            if mistake == "top_p before temperature":  # the cut above was made at temperature 1
+                sorted_p = torch.where(sorted_p > 0, sorted_p ** (1 / temperature), 0.0)
             choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
             return idx.gather(-1, choice).squeeze(-1)
+        if mistake == "top_p before temperature":
+            probs = F.softmax(logits / temperature, dim=-1)
         tokens = torch.multinomial(probs, 1, generator=gen)
         return tokens if mistake == "no squeeze" else tokens.squeeze(-1)
     return sample
@@ -261,7 +309,22 @@ MISTAKES_SAMPLE = [  # every wrong version and the words its message must contai
     (ex.check_sample_next, learner_sampler("no squeeze"), "squeeze"),
     (ex.check_sample_next, learner_sampler("no generator"), "pass generator=generator"),
     (ex.check_sample_next, learner_sampler("in place"), "changed its input logits in place"),
+    (ex.check_sample_next, learner_sampler("ascending"), "sorted ascending, the mass before a token rarely"),
+    (ex.check_sample_next, learner_sampler("no temperature with top_k"), "temperature has no effect"),
 ]
+
+
+def test_a_top_p_cut_chosen_before_the_temperature_is_named_at_temperature_one_half():
+    message = rejection(ex.check_sample_next, learner_sampler("top_p before temperature"))
+    assert message.startswith(
+        "top_p cut chosen before the temperature (on softmax(logits)): divide the logits by the temperature first, "
+        "then choose the top-p tokens from those probabilities (the temperature changes how many make up top_p) "
+        "(input: logits (40000, 8), temperature=0.5, top_k=None, top_p=0.8,"), message
+
+
+def test_temperature_ignored_only_with_top_k_is_caught_in_the_combined_case():
+    message = rejection(ex.check_sample_next, learner_sampler("no temperature with top_k"))
+    assert "temperature=2.0, top_k=3, top_p=None" in message, message
 
 
 @pytest.mark.parametrize("checker", REFERENCES_SAMPLE, ids=lambda c: c.__name__)

@@ -2,6 +2,10 @@
 is not attempted, a crash names the learner's line, a wrong shape gets a hint, run_check never raises, the
 caller's random state is left alone."""
 
+import ast
+import json
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +13,8 @@ from torch import nn
 from tests.checking import learner_attention, rejection, rope_pairs
 from utils import exercises as ex
 from utils.attention import Attention
+from utils.course import ROOT
+from utils.exercises.checking import EXERCISES
 from utils.rope import apply_rotary_emb
 
 
@@ -95,3 +101,37 @@ def test_checkers_leave_the_callers_random_state_alone():
     torch.manual_seed(1)
     ex.check_attention(Attention)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_table_of_exercise_stubs_matches_every_notebooks_exercise_cells_in_order():
+    found = {}
+    for path in sorted((ROOT / "notebooks").glob("0[1-6]_*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        stubs = [node.name for c in cells if "exercise" in c["metadata"].get("tags", [])
+                 for node in ast.parse("".join(c["source"])).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        headings = [int(n) for c in cells if c["cell_type"] == "markdown"
+                    for n in re.findall(r"^(?:#+ |\*\*)Exercise (\d+)", "".join(c["source"]), re.M)]
+        assert headings == list(range(1, len(stubs) + 1)), (path.name, headings, stubs)
+        found |= {name: i + 1 for i, name in enumerate(stubs)}
+    assert found == EXERCISES
+
+
+def test_a_stub_of_the_candidate_itself_is_not_attempted_without_naming_another_exercise():
+    class MyKVCache(StubCache):
+        pass
+    with pytest.raises(ex.NotAttempted) as e:
+        ex.check_kv_cache(MyKVCache)
+    assert e.value.needs == "" and ex.run_check(ex.check_kv_cache, MyKVCache) == "⏳ not attempted yet"
+
+
+def test_a_module_without_a_forward_is_a_mistake_not_a_stub():
+    class NoForward(nn.Module):
+        def __init__(self, dim, eps=1e-5):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def foward(self, x):  # misspelt: nn.Module's own forward raises NotImplementedError
+            return x
+    message = rejection(ex.check_rmsnorm, NoForward)
+    assert message.startswith('NoForward raised NotImplementedError: Module [NoForward] is missing the required '
+                              '"forward" function'), message

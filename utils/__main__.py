@@ -19,10 +19,11 @@ import torch
 from .chat import add_chat_parser, run_chat
 
 
-def add_train_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+def add_train_flags(p: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field (dashes for underscores; --out for out_dir), its help from the field.
 
-    defaults=False leaves a flag not given out of the parsed namespace: what the user set, for --init-from.
+    A flag not typed leaves no attribute (argparse.SUPPRESS), so `run_train` knows which were typed: a
+    resume hears each of them, even one typed with its default value.
     """
     from .runs import flag
     from .train import TrainConfig
@@ -30,13 +31,14 @@ def add_train_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     aliases = {"max_seq_len": ["--block-size"]}  # nanoGPT's name works too
     for f in fields(TrainConfig):
         flags = [flag(f.name), *aliases.get(f.name, [])]
+        shown = "" if f.default is None else f" (default: {f.default})".replace("%", "%%")
         if f.type in (bool, "bool"):
-            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default if defaults else argparse.SUPPRESS, help=f.metadata["help"])
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f.metadata["help"] + shown)
             continue
         kind = f.type if f.type in (int, float, str) else next(a for a in get_args(f.type) if a is not type(None))
-        p.add_argument(*flags, dest=f.name, type=kind, default=f.default if defaults else argparse.SUPPRESS,
-                       metavar=f.name.upper(), help=f.metadata["help"])
+        p.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                       help=f.metadata["help"] + shown)
 
 
 def positive_int(text: str) -> int:
@@ -46,19 +48,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser(command: str | None = "train", defaults: bool = True) -> argparse.ArgumentParser:
+def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     """The parser; the train command's flags only when `command` is train (they import the trainer)."""
     parser = argparse.ArgumentParser(prog="python -m utils", description="Train a LLaMA-2 model and sample from it.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model; writes ckpt.pt and metrics.json into --out", parents=[common],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a model; writes ckpt.pt and metrics.json into --out", parents=[common])
     if command == "train":
-        add_train_flags(t, defaults)
+        add_train_flags(t)
     t.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out exactly where it stopped, with its settings")
-    t.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (deletes it)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that holds a run (replaced when this one first saves)")
     t.add_argument("--sample-tokens", type=int, default=None,
                    help="tokens of sample text printed at the end; 0: none; None: 200, or what the context allows")
     g = sub.add_parser("generate", help="stream text from a checkpoint", parents=[common])
@@ -93,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         if args.command == "train":
-            args.given = set(vars(build_parser("train", defaults=False).parse_args(argv)))  # what the user set
             return run_train(args)
         if args.command == "chat":
             return run_chat(args)
@@ -139,14 +140,21 @@ def run_train(args) -> int:
     from .checkpoints import load_model
     from .finetune import finetune_config
     from .generate import generate
-    from .runs import CKPT_FILE
+    from .runs import CKPT_FILE, finished_run
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if not args.resume:  # --init-from: shape and tokenizer from the checkpoint; the defaults of a finetune
-        cfg = finetune_config(cfg, getattr(args, "given", None))
+    given = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}  # the flags typed
+    cfg = TrainConfig(**{name: getattr(args, name) for name in given})
+    if not args.resume:  # --init-from: shape and tokenizer from the checkpoint, the defaults of a finetune
+        cfg = finetune_config(cfg, given)
+    done = None if args.resume or args.overwrite else finished_run(cfg)
+    if done is not None:  # the same command again: the one-liner goes on to `generate`
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"already trained (val {done['val_loss_per_char']:.3f} nats/char, {done['steps']} steps) in "
+                  f"{cfg.out_dir}: nothing to do (train further: --resume --max-steps N; start again: --overwrite)")
+        return 0
     try:
-        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, given=given)
     except KeyboardInterrupt:
         ckpt = Path(cfg.out_dir) / CKPT_FILE
         kept = f"{ckpt} holds the last completed save" if ckpt.exists() else "no checkpoint was saved yet"
@@ -176,8 +184,8 @@ def load_for_generation(path: str, device: torch.device, dtype: str | None = Non
     from .tokenizer import load_tokenizer
 
     model = load_pretrained(path, device=device, dtype=dtype)
-    if detect_format(path) == "ours":
-        return model, load_tokenizer(path)
+    if detect_format(path) == "ours":  # a run folder, or the ckpt.pt in one: the tokenizer is beside it
+        return model, load_tokenizer(path if Path(path).is_dir() else Path(path).parent)
     tok = load_pretrained_tokenizer(path)
     if tok is None:
         raise FileNotFoundError(f"{path} ships no tokenizer (tokenizer.json or tokenizer.model): "

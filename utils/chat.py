@@ -166,19 +166,20 @@ def _positive_int(text: str) -> int:
 
 def add_chat_parser(sub) -> argparse.ArgumentParser:
     """`python -m utils chat`: its flags, as a subcommand of the main parser."""
-    c = sub.add_parser("chat", help="chat with an instruction-tuned model through its chat template",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = sub.add_parser("chat", help="chat with an instruction-tuned model through its chat template")
     c.add_argument("--checkpoint", required=True,
                    help="a .gguf file, a Hugging Face folder with a chat template, or a hub id")
     c.add_argument("--message", default=None, help="answer this one message and exit (default: interactive)")
     c.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
     c.add_argument("--max-new-tokens", type=_positive_int, default=256,
-                   help="longest reply, in tokens (at most half the model's context)")
-    c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy; higher is more random")
+                   help="longest reply, in tokens (at most half the model's context; default: %(default)s)")
+    c.add_argument("--temperature", type=float, default=0.7,
+                   help="0 is greedy; higher is more random (default: %(default)s)")
     c.add_argument("--top-k", type=_positive_int, default=None, help="sample only from the k most likely tokens")
-    c.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set with this much mass")
+    c.add_argument("--top-p", type=float, default=0.9,
+                   help="sample from the smallest set with this much mass (default: %(default)s)")
     c.add_argument("--seed", type=int, default=None, help="random seed, for reproducible replies")
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
     c.add_argument("--compile", action="store_true",

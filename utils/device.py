@@ -4,7 +4,6 @@ import ctypes
 import functools
 import os
 import sys
-import time
 
 import torch
 
@@ -27,47 +26,53 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """Does this CPU multiply bf16 matrices in hardware (Intel AMX, Sapphire Rapids and later)?"""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# What bf16 training buys on a CPU, measured (training steps of the `tiny`-sized model, fp32 weights,
+# bf16 autocast with attention kept in fp32, as the trainer runs it):
+#   AMX (Intel Xeon, Sapphire Rapids and later): 165-205 ms a step against 220-250 ms in fp32, 1.2-1.5x
+#       (benchmarks/train_shakespeare.md, "bf16 on AMX").
+#   AVX512-BF16 without AMX (the project's AMD EPYC): the nanoGPT-CPU step 33.3 ms against 53.2 ms in fp32,
+#       1.6x (benchmarks/RESULTS.md, section 4; 45.2 against 59.5 ms under the profiler).
+#   neither: PyTorch emulates bf16 with fp32 instructions plus conversions, slower than fp32.
+# The choice reads the CPU's instruction sets and never times anything, so the same command on the same
+# machine always trains in the same precision (a timed test flipped with the machine's load).
+CPU_BF16_SPEEDUP = {"AMX": "1.2-1.5x", "AVX512-BF16": "1.6x"}  # measured training steps, as above
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_bf16_speedup() -> float:
-    """How many times faster a bf16 matrix multiply runs than an fp32 one here, measured (~0.1 s, once).
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (amx_bf16, avx512_bf16, ...); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
-    CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and later, some Xeons) may or may not run PyTorch's
-    bf16 kernels faster than fp32 ones; measuring beats guessing. Best of 5 of a training-sized matmul.
+
+def cpu_bf16_hardware() -> str | None:
+    """"AMX" or "AVX512-BF16" when this CPU multiplies bf16 matrices in hardware, else None.
+
+    PyTorch's own checks (which also ask the OS whether AMX may be used) where this PyTorch has them,
+    else the flags in /proc/cpuinfo.
     """
-    def best_ms(dtype):
-        a, b = torch.randn(2048, 256, dtype=dtype), torch.randn(256, 512, dtype=dtype)
-        times = []
-        for _ in range(6):
-            t = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            times.append(time.perf_counter() - t)
-        return min(times[1:])  # the first call warms up
-    return best_ms(torch.float32) / best_ms(torch.bfloat16)
-
-
-def cpu_prefers_bf16() -> bool:
-    """bf16 on this CPU: AMX, or AVX512-BF16 with bf16 matmuls measured at least 1.3x faster than fp32."""
-    if cpu_has_bf16_matmul():
-        return True
-    has_avx512_bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    return has_avx512_bf16 and cpu_bf16_speedup() >= 1.3
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if amx() if amx else {"amx_bf16", "amx_tile"} <= cpu_flags():
+        return "AMX"
+    if avx512_bf16() if avx512_bf16 else "avx512_bf16" in cpu_flags():
+        return "AVX512-BF16"
+    return None
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has it (GPUs since Ampere; CPUs with AMX, or AVX512-BF16 measured faster),
-    fp16 (with loss scaling) on older GPUs such as the T4, else fp32."""
+    """bf16 where the hardware has it (GPUs since Ampere; CPUs with AMX or AVX512-BF16), fp16 (with loss
+    scaling) on older GPUs such as the T4, else fp32. Decided by the hardware alone: the same on every run."""
     if name == "auto":
         if device.type == "cuda":
             native = torch.cuda.is_bf16_supported(including_emulation=False)  # a T4 only emulates bf16
             return torch.bfloat16 if native else torch.float16
-        if device.type == "cpu" and cpu_prefers_bf16():
-            return torch.bfloat16  # AMX: 1.2-1.5x faster training steps (benchmarks/train_shakespeare.md)
+        if device.type == "cpu" and cpu_bf16_hardware() is not None:
+            return torch.bfloat16  # 1.2-1.6x faster training steps (CPU_BF16_SPEEDUP)
         return torch.float32  # other CPUs emulate bf16 (slower than fp32); MPS: fp32 is safest
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
@@ -79,10 +84,10 @@ def dtype_reason(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         return "this GPU has it natively" if dtype == torch.bfloat16 else "this GPU only emulates bf16; loss scaling on"
     if device.type == "cpu" and dtype == torch.bfloat16:
-        return ("this CPU has AMX" if cpu_has_bf16_matmul()
-                else f"this CPU's AVX512-BF16 matmuls measured {cpu_bf16_speedup():.1f}x faster than fp32")
+        units = cpu_bf16_hardware()
+        return f"this CPU has {units}, where bf16 training steps measured {CPU_BF16_SPEEDUP[units]} faster than fp32"
     if device.type == "cpu":
-        return "this CPU has no bf16 matmul measured faster than fp32"
+        return "this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), so fp32 is faster"
     return "the safe choice on this device"
 
 

@@ -223,7 +223,11 @@ def download_hub(repo_id: str) -> Path:
         if not any((path / f).exists() for f in HF_WEIGHT_FILES):
             path = Path(snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin", "*.bin.index.json"]))
     except Exception as e:
-        raise FileNotFoundError(f"{repo_id!r} is no local path, and could not be downloaded from the Hugging Face "
-                                f"hub ({type(e).__name__}: {e}). If you are offline, pass a local directory "
-                                "holding config.json and model.safetensors instead") from e
+        from huggingface_hub import constants
+
+        first = next((line for line in str(e).splitlines() if line.strip()), "").split(". ")[0].rstrip(".")
+        why = "HF_HUB_OFFLINE is set and it is not in the cache" if constants.HF_HUB_OFFLINE else first
+        raise FileNotFoundError(f"no folder {repo_id} here, and the Hugging Face hub did not give it either "
+                                f"({type(e).__name__}: {why}): check the path, or pass a local folder holding "
+                                "config.json and model.safetensors") from e
     return path

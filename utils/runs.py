@@ -5,11 +5,15 @@
     out/train.lock     one training process per folder (`utils.files.FolderLock`)
 
 Nothing trained is lost: a folder holding a run is continued (resume) or restarted (overwrite) only
-when asked (`claim_run_folder`); a resume keeps the run's settings except those RESUME_MAY_CHANGE;
+when asked (`claim_run_folder`), and an overwritten run stays until the new one saves; a failed start
+leaves no empty folder behind (`remove_created`); a finished command run again finds its run
+(`finished_run`); a resume keeps the run's settings except those RESUME_MAY_CHANGE;
 Ctrl-C or SIGTERM finishes the step and saves (`StopSignals`).
 """
 
 import contextlib
+import itertools
+import json
 import os
 import signal
 import sys
@@ -57,10 +61,13 @@ def load_checkpoint(out_dir: str | Path, map_location="cpu") -> dict:
 
 # ---- claiming the folder ----------------------------------------------------------------------
 
-def claim_run_folder(out: Path, *, resume: bool, overwrite: bool, rank: int = 0) -> FolderLock | None:
-    """Check `out` before any work, then (rank 0) lock it, clean up after killed writes, and clear it on overwrite.
+def claim_run_folder(out: Path, *, resume: bool, overwrite: bool, rank: int = 0) -> tuple[FolderLock | None, list]:
+    """Check `out` before any work, then (rank 0) create and lock it and clean up after killed writes:
+    (the lock, the folders it created, deepest first: `remove_created` takes them away after a failed start).
 
     Refuses what would lose a run: a file as the folder, or a checkpoint neither resumed nor overwritten.
+    Overwrite deletes nothing here: the old run stays until the new one saves its first checkpoint over it
+    (`Trainer.save`), so a start that fails on its settings, data or first steps leaves it as it was.
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it again: pick one")
@@ -68,25 +75,53 @@ def claim_run_folder(out: Path, *, resume: bool, overwrite: bool, rank: int = 0)
         raise ValueError(f"--out {out} is a file, not a folder: pass a folder for the run (created if missing)")
     if (out / CKPT_FILE).exists() and not resume and not overwrite:
         raise FileExistsError(f"{out} already holds a trained run ({CKPT_FILE}): continue it with --resume, start "
-                              "again with --overwrite (deletes it), or pick another --out (in Python: resume=True, "
+                              "again with --overwrite (replaces it), or pick another --out (in Python: resume=True, "
                               "overwrite=True, or another out_dir)")
     if resume and not out.is_dir():
         load_checkpoint(out)  # raises, saying what to do (without creating the folder)
     if rank != 0:
-        return None
+        return None, []
+    created = list(itertools.takewhile(lambda p: not p.exists(), (out, *out.parents)))  # runs/a, runs
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create --out {out} ({e.strerror}): pick a folder you can write to") from e
-    lock = FolderLock(out).acquire()
+    try:
+        lock = FolderLock(out).acquire()
+    except BaseException:
+        remove_created(created)
+        raise
     stale = remove_stale_temporaries(out)
     if stale:
         print(f"removed {len(stale)} temporary file(s) an interrupted write left in {out}: "
               f"{', '.join(p.name for p in stale)}")
-    if overwrite:
-        for name in (CKPT_FILE, METRICS_FILE):
-            (out / name).unlink(missing_ok=True)
-    return lock
+    return lock, created
+
+
+def remove_created(folders: list) -> None:
+    """Remove, deepest first, the folders a start created, if nothing was written into them: a failed start
+    leaves no empty --out behind. A folder that existed before, or holds anything, is never touched."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            return
+
+
+def finished_run(cfg) -> dict | None:
+    """The metrics of the run in cfg.out_dir (a TrainConfig's) if it finished with exactly cfg's settings (the
+    folder and --progress aside), else None: running a finished command again is then no error."""
+    out = Path(cfg.out_dir)
+    try:
+        metrics = json.loads((out / METRICS_FILE).read_text())
+        ckpt = load_checkpoint(out)
+        saved = asdict(type(cfg).from_dict(ckpt["train_config"]))
+    except (OSError, ValueError, TypeError):  # none, damaged, or written by an older trainer: not the same run
+        return None
+    if metrics.get("interrupted", True) or metrics.get("steps") != ckpt["step"]:
+        return None  # stopped early, or resumed since
+    same = all(saved[name] == value for name, value in asdict(cfg).items() if name not in ("out_dir", "progress"))
+    return metrics if same else None
 
 
 # ---- resuming ---------------------------------------------------------------------------------
@@ -102,10 +137,11 @@ RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "eval_interval", "device", "dty
                      "lr", "min_lr_ratio", "warmup_steps", "grad_clip")
 
 
-def resume_config(cfg, saved: dict) -> tuple:
-    """The checkpoint's settings, updated with those `cfg` (a TrainConfig) sets away from the defaults:
-    (config, {name: (old, new)}).
+def resume_config(cfg, saved: dict, given=None) -> tuple:
+    """The checkpoint's settings, updated with those asked for in `cfg` (a TrainConfig): (config, {name: (old, new)}).
 
+    Asked for: the fields named in `given` (the command line passes the flags typed, whatever their value),
+    or, when `given` is None (Python's `train(cfg, resume=True)`), those `cfg` sets away from the defaults.
     A resume may change only RESUME_MAY_CHANGE; asking for another model shape, data, tokenizer or
     optimizer setting is an error, since the run would no longer be the one saved.
     """
@@ -114,7 +150,8 @@ def resume_config(cfg, saved: dict) -> tuple:
     merged, changes = asdict(old), {}
     for f in fields(config_type):
         new, was = getattr(cfg, f.name), getattr(old, f.name)
-        if f.name == "out_dir" or new == was or new == getattr(default, f.name):
+        asked = f.name in given if given is not None else new != getattr(default, f.name)
+        if f.name == "out_dir" or new == was or not asked:
             continue  # equal to the checkpoint's value, or not asked for
         if f.name not in RESUME_MAY_CHANGE:
             was = was if was is not None else f"from preset {old.preset}"

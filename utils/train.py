@@ -48,6 +48,7 @@ from .runs import (
     claim_run_folder,
     kept_settings,
     load_checkpoint,
+    remove_created,
     resume_config,
 )
 from .tokenizer import load_tokenizer
@@ -109,8 +110,8 @@ class TrainConfig:
     eval_windows: int = arg(64, "validation windows used during training (the final evaluation uses them all)")
     # system
     device: str = arg("auto", "auto (cuda, then mps, then cpu), or a device such as cpu, cuda, cuda:1, mps")
-    dtype: str = arg("auto", "auto (bf16 where the hardware has it: GPUs since Ampere, CPUs with AMX; fp16 + "
-                     "loss scaling on older GPUs; else fp32), fp32, bf16, fp16")
+    dtype: str = arg("auto", "auto (bf16 where the hardware has it: GPUs since Ampere, CPUs with AMX or "
+                     "AVX512-BF16; fp16 + loss scaling on older GPUs; else fp32), fp32, bf16, fp16")
     compile: bool = arg(False, "compile the model with torch.compile (faster on recent GPUs, slow to start)")
     seed: int = arg(1337, "random seed for initialisation, batches and dropout")
     out_dir: str = arg("out", "folder for ckpt.pt, the tokenizer and metrics.json")
@@ -213,27 +214,29 @@ class Trainer:
     """One run: the model, optimizer, counters and history; `run()` trains until steps or time run out.
 
     The run folder is claimed first, before any work (`claim_run_folder`): a folder holding a run needs
-    resume=True or overwrite=True, and one process at a time may train into it.
+    resume=True or overwrite=True, and one process at a time may train into it. An overwritten run is
+    replaced by this one's first checkpoint (`save`), not before.
     """
 
     def __init__(self, cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, callback=None,
-                 overwrite: bool = False):
-        cfg = cfg if resume else finetune_config(cfg)  # a resumed run's settings come from its checkpoint
+                 overwrite: bool = False, given: set[str] | None = None):
+        cfg = cfg if resume else finetune_config(cfg, given)  # a resumed run's settings come from its checkpoint
         cfg.validate()
         self.out, self.callback, self.stop_signal = Path(cfg.out_dir), callback, None
+        self.overwriting, self.saved_step = overwrite, None  # saved_step: of this run's latest checkpoint
         rank = int(os.environ.get("RANK", 0))  # the process group does not exist yet
-        self.lock = claim_run_folder(self.out, resume=resume, overwrite=overwrite, rank=rank)
+        self.lock, self.created = claim_run_folder(self.out, resume=resume, overwrite=overwrite, rank=rank)
         try:
-            self._setup(cfg, data, load_checkpoint(self.out) if resume else None)
+            self._setup(cfg, data, load_checkpoint(self.out) if resume else None, given)
         except BaseException:
             self.release()
             raise
 
-    def _setup(self, cfg: TrainConfig, data: TokenData | None, ckpt: dict | None) -> None:
+    def _setup(self, cfg: TrainConfig, data: TokenData | None, ckpt: dict | None, given: set[str] | None) -> None:
         """Everything but the folder: settings, device, data, model, optimizer; the checkpoint's state if resuming."""
         changes = {}
         if ckpt is not None:
-            cfg, changes = resume_config(cfg, ckpt["train_config"])
+            cfg, changes = resume_config(cfg, ckpt["train_config"], given)
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.rank, self.world = setup_distributed(self.device)
@@ -286,9 +289,11 @@ class Trainer:
         return wrap_ddp(net, self.device) if self.world > 1 else net
 
     def release(self) -> None:
-        """Let other processes train into the folder (run() does this when it ends)."""
+        """Let other processes train into the folder (run() does this when it ends); remove it if this run created
+        it and wrote nothing there."""
         if self.lock is not None:
             self.lock.release()
+        remove_created(self.created)
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -297,41 +302,44 @@ class Trainer:
 
         A first Ctrl-C (SIGINT) or SIGTERM finishes the step, saves, and returns (metrics["interrupted"]).
         """
-        with self.lock or nullcontext(), StopSignals(announce=self.rank == 0) as signals:
-            self.announce()
-            if self.step == 0 and self.init_eval is None:  # where the run starts, on the windows of the last
-                self.init_eval = self.evaluate(full=True)
-                self.say(f"before training: val loss {self.init_eval['val_loss']:.3f} nats/token, "
-                         f"{self.init_eval['val_loss_per_char']:.3f} nats/char")
-            self._loop(signals)
-            return self.finish()
+        try:
+            with self.lock or nullcontext(), StopSignals(announce=self.rank == 0) as signals:
+                self.announce()
+                if self.step == 0 and self.init_eval is None:  # where the run starts, on the windows of the last
+                    self.init_eval = self.evaluate(full=True)
+                    self.say(f"before training: val loss {self.init_eval['val_loss']:.3f} nats/token, "
+                             f"{self.init_eval['val_loss_per_char']:.3f} nats/char")
+                self._loop(signals)
+                return self.finish()
+        finally:
+            remove_created(self.created)  # failed before its first save into a folder it created
 
     def _loop(self, signals: StopSignals) -> None:
         sync_every = 1 if self.device.type != "cuda" else 20  # on GPUs, let the CPU run ahead
-        bar, pending = self._progress_bar(), []
-        start = time.perf_counter() - self.seconds  # a resumed run continues its clock
-        first_step, first_seconds = self.step, self.seconds
-        while not self.done():
-            pending.append(self.train_step())
-            self.seconds, stopping = self._clock(start, signals.signal is not None)
-            at_eval = self.step % self.cfg.eval_interval == 0 and not self.done()  # finish() does the last
-            if len(pending) >= sync_every or at_eval or self.done() or stopping:
-                self.record(pending, bar)
-                pending = []
-            if self.step - first_step == 10:
-                self._say_time_left(first_step, first_seconds)
-            if at_eval:
-                self.history[-1].update(self.evaluate())
-                self.say(f"step {self.step}: val loss {self.history[-1]['val_loss']:.3f} nats/token, "
-                         f"{self.history[-1]['val_loss_per_char']:.3f} nats/char")
-                self.save()
-            if self.callback is not None and self.callback(self):
-                break
-            if stopping:  # under DDP every rank stops at the same step (`_clock`)
-                self.stop_signal = signals.signal or signal.SIGINT
-                break
-        self.record(pending, bar)
-        bar.close()
+        pending = []
+        with self._progress_bar() as bar:  # closed even on an error, ending its line: the error gets its own
+            start = time.perf_counter() - self.seconds  # a resumed run continues its clock
+            first_step, first_seconds = self.step, self.seconds
+            while not self.done():
+                pending.append(self.train_step())
+                self.seconds, stopping = self._clock(start, signals.signal is not None)
+                at_eval = self.step % self.cfg.eval_interval == 0 and not self.done()  # finish() does the last
+                if len(pending) >= sync_every or at_eval or self.done() or stopping:
+                    self.record(pending, bar)
+                    pending = []
+                if self.step - first_step == 10:
+                    self._say_time_left(first_step, first_seconds)
+                if at_eval:
+                    self.history[-1].update(self.evaluate())
+                    self.say(f"step {self.step}: val loss {self.history[-1]['val_loss']:.3f} nats/token, "
+                             f"{self.history[-1]['val_loss_per_char']:.3f} nats/char")
+                    self.save()
+                if self.callback is not None and self.callback(self):
+                    break
+                if stopping:  # under DDP every rank stops at the same step (`_clock`)
+                    self.stop_signal = signals.signal or signal.SIGINT
+                    break
+            self.record(pending, bar)
 
     def done(self) -> bool:
         """Out of steps or out of time."""
@@ -352,18 +360,24 @@ class Trainer:
         values = torch.stack([loss for loss, _ in pending]).tolist()
         for i, (loss, (_, lr)) in enumerate(zip(values, pending)):
             if not math.isfinite(loss):
-                kept = self.out / CKPT_FILE
-                raise FloatingPointError(
-                    f"training loss became {loss} at step {first_step + i}: stopped. The last good checkpoint "
-                    f"is {kept if kept.exists() else 'none (no checkpoint was written yet)'}. Lower --lr "
-                    f"(now {self.cfg.lr}), raise --warmup-steps or use --dtype fp32, then --resume, or start "
-                    "again with --overwrite.")
+                raise FloatingPointError(self._diverged(loss, first_step + i))
             self.history.append({"step": first_step + i, "tokens": (first_step + i) * self.tokens_per_step,
                                  "train_loss": loss, "lr": lr})
         bar.update(self.step - bar.n)
         last = self.history[-1]
         bar.set_postfix(loss=f"{last['train_loss']:.3f}", lr=f"{last['lr']:.1e}",
                         tok_s=f"{self.tokens_seen / max(self.seconds, 1e-9):,.0f}")
+
+    def _diverged(self, loss: float, step: int) -> str:
+        """What to do after a NaN or infinite loss: --resume only from a checkpoint this run wrote."""
+        said = f"training loss became {loss} at step {step}: stopped"
+        if self.saved_step is not None:
+            return (f"{said}. The last good checkpoint is {self.out / CKPT_FILE} (step {self.saved_step}). Lower --lr "
+                    f"(now {self.cfg.lr}), raise --warmup-steps or use --dtype fp32, then --resume, or start again "
+                    "with --overwrite.")
+        kept = f" with --overwrite (the earlier run in {self.out} is kept)" if (self.out / CKPT_FILE).exists() else ""
+        return (f"{said} before its first checkpoint. Lower --lr (now {self.cfg.lr}) or raise --warmup-steps "
+                f"(now {self.cfg.warmup_steps}), and start again{kept}.")
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -424,6 +438,10 @@ class Trainer:
             "seconds": self.seconds, "history": self.history, "tokenizer": self.data.tokenizer.name,
             "dataset": self.data.source, "rng": rng, "init_eval": self.init_eval, "lora": self.lora_settings(),
         }, self.out / CKPT_FILE)
+        if self.overwriting:  # the old run is gone now: so are its numbers
+            (self.out / METRICS_FILE).unlink(missing_ok=True)
+            self.overwriting = False
+        self.saved_step = self.step
         self.data.tokenizer.save(self.out)
 
     def lora_settings(self) -> dict | None:
@@ -443,6 +461,7 @@ class Trainer:
                              "resume with the same data")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.saved_step = ckpt["step"]
         if ckpt["scaler"]:  # empty when the saved run did not use fp16
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens_seen"]
@@ -546,16 +565,20 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, data: TokenData | None = None, resume: bool = False, overwrite: bool = False,
-          callback=None) -> dict:
+          callback=None, given: set[str] | None = None) -> dict:
     """Train a model as `cfg` says; returns the metrics also written to out_dir/metrics.json.
 
-    A folder that already holds a run needs resume=True (continue it) or overwrite=True (start again).
+    A folder that already holds a run needs resume=True (continue it) or overwrite=True (start again; the
+    old run stays until the new one saves its first checkpoint). On resume, the fields of `cfg` named in
+    `given` are the ones asked for, whatever their value (the command line passes the flags typed); with
+    given=None, those that differ from TrainConfig's defaults: train(replace(cfg, preset="tiny"),
+    resume=True) keeps the run's preset, train(..., given={"preset"}) refuses it.
     callback(trainer) runs after every step; returning True stops the run (it is then saved).
     Ctrl-C (or SIGTERM) finishes the step, saves, and returns the metrics with "interrupted": True;
     a second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint stays intact).
     """
     try:
-        metrics = Trainer(cfg, data=data, resume=resume, overwrite=overwrite, callback=callback).run()
+        metrics = Trainer(cfg, data=data, resume=resume, overwrite=overwrite, callback=callback, given=given).run()
         wait_for_all_ranks()
         return metrics
     finally:

@@ -8,7 +8,9 @@ RoPE, tiled K/V heads, LayerNorm instead of RMSNorm, ...) would have returned an
 candidate matches. A stub (raises NotImplementedError, returns None or `...`) raises `NotAttempted`.
 
 Notebooks call `run_check(check_rope, my_rope)`: it prints and returns "✅ passed", "⏳ not attempted
-yet" or "❌ <what is wrong>" and never raises, so an exercise never stops a notebook.
+yet" or "❌ <what is wrong>" and never raises, so an exercise never stops a notebook. A finished candidate
+that calls another exercise's stub gets "⏳ Attention calls repeat_kv, which is not attempted yet: do
+exercise 1 (repeat_kv) first". Two listed mistakes made at once are named together.
 
 One module per lesson, in lesson order; a later lesson's checkers import an earlier one's helpers:
     checking    NotAttempted, run_check, and the helpers every checker shares (call, compare, diagnose)

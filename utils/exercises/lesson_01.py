@@ -3,7 +3,8 @@
     check_rope_cos_sin        the cos/sin tables, `rope_cos_sin(head_dim, max_seq_len, theta)`
     check_rope                Meta's rotation of adjacent pairs, `apply_rotary_emb(x, cos, sin)`
     check_permute_hf_to_meta  HF's q/k rows back in Meta's pair order, `permute_hf_to_meta(w, n_heads)`
-    check_rope_frequencies    the frequencies alone, `rope_frequencies(head_dim, theta)` (no exercise cell uses it)
+    check_rope_frequencies    the frequencies alone, `rope_frequencies(head_dim, theta)` (no exercise cell uses it:
+                              check_rope_cos_sin names the same frequency mistakes in the tables)
 """
 
 from collections.abc import Callable
@@ -84,22 +85,31 @@ def check_rope_frequencies(fn: Callable) -> None:
                  "freqs[i] = 1 / theta ** (2i / head_dim), one per pair of dims: head_dim // 2 values")
 
 
+def _tables(freqs, positions) -> tuple:
+    angles = torch.outer(positions.double(), freqs.double())  # (S, hd/2)
+    return angles.cos(), angles.sin()
+
+
 def _cos_sin_mistakes(hd: int, S: int, theta: float, cos, sin) -> dict:
-    angles = torch.outer(torch.arange(1, S + 1, dtype=torch.float64), rope_frequencies(hd, theta))  # from 1
+    positions = torch.arange(S)
+    wrong_freqs = {f"the frequency ladder is wrong ({what}): {how}; or call rope_frequencies(head_dim, theta)":
+                   lambda f=f: _tables(f(), positions)
+                   for (what, how), f in ((m.split(": ", 1), f) for m, f in _frequency_mistakes(hd, theta).items())}
     return {
         "off by one: positions start at 0 (angle 0: cos 1, sin 0), torch.arange(max_seq_len)":
-            lambda: (angles.cos(), angles.sin()),
+            lambda: _tables(rope_frequencies(hd, theta), positions + 1),
         "returned (sin, cos): return (cos, sin)": lambda: (sin, cos),
         "tables are (head_dim/2, max_seq_len): angles = torch.outer(positions, freqs)": lambda: (cos.T, sin.T),
         "Hugging Face's (max_seq_len, head_dim) tables (frequencies repeated for rotate-half): Meta's layout "
         "wants (max_seq_len, head_dim // 2)": lambda: (torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)),
+        **wrong_freqs,
     }
 
 
 @_seeded
 def check_rope_cos_sin(fn: Callable) -> None:
     """fn(head_dim, max_seq_len, theta) -> (cos, sin), each (max_seq_len, head_dim // 2): of position * freq."""
-    for hd, S, theta in [(8, 6, 10000.0), (4, 3, 100.0)]:
+    for hd, S, theta in [(8, 6, 10000.0), (6, 4, 100.0)]:  # 6, 100: theta ignored differs from linspace
         inputs = dict(head_dim=hd, max_seq_len=S, theta=theta)
         got = _call(fn, inputs)
         cos, sin = rope_cos_sin(hd, S, theta)
@@ -114,7 +124,8 @@ def _permute_mistakes(w, n_heads: int) -> dict:
         "its odd rows; interleave the two halves back": partial(permute_meta_to_hf, w, n_heads),
         "permuted the whole matrix as one head: permute within each head, w.view(n_heads, 2, head_dim // 2, "
         "dim)": partial(permute_hf_to_meta, w, 1),
-        "returned w unchanged": partial(torch.clone, w),
+        "returned w unchanged (a view and a reshape without the transpose move no row): w.view(n_heads, 2, "
+        "head_dim // 2, dim).transpose(1, 2).reshape(-1, dim)": partial(torch.clone, w),
     }
 
 

@@ -17,33 +17,50 @@ from .lesson_02 import _attention, check_attention
 
 # ---- the KV cache ----------------------------------------------------------------------------------
 
-CACHE_HINT = ("the cache is (batch, n_kv_heads, max_seq_len, head_dim): write at self.k[:, :, start_pos:start_pos "
-              "+ T] and return self.k[:, :, :start_pos + T], self.v[:, :, :start_pos + T]")
+CACHE_HINT = ("the cache is (batch_size, n_kv_heads, max_seq_len, head_dim): write at self.k[:B, :, "
+              "start_pos:start_pos + T] and return self.k[:B, :, :start_pos + T], self.v[:B, :, :start_pos + T]")
+SMALL_BATCH_HINT = ("a batch B smaller than batch_size uses only the rows :B (Meta's cache_k[:bsz]): write "
+                    "self.k[:B, :, start_pos:start_pos + T], return self.k[:B, :, :start_pos + T]")
+# (start_pos, T, B): a prompt, two decode steps, a new prompt from 0, a chunk, a step back to position 2 (as
+# when a reply is regenerated), then a batch of 1 in the cache of 2
+CACHE_WRITES = [(0, 3, 2), (3, 1, 2), (4, 2, 2), (0, 2, 2), (2, 2, 2), (2, 1, 2), (3, 1, 1)]
+COUNTER = ("kept its own position counter instead of using start_pos: the caller may go back (to start_pos 2 after 4 "
+           "tokens here, as when a reply is regenerated); write at start_pos and return :start_pos + T")
 
 
 def _cache_mistakes(history: list, ref: KVCache, expected: tuple) -> dict:
     """What the usual wrong caches would return after the writes in history, [(start_pos, xk, xv), ...]."""
     start, xk, xv = history[-1]
-    end = start + xk.shape[2]
+    B, end = xk.shape[0], start + xk.shape[2]
 
-    def written_at(where):  # replay every write at position where(start_pos)
+    def written_at(where, upto=end, rows=None):  # replay every write i at position where(i, start_pos)
         k, v = torch.zeros_like(ref.k), torch.zeros_like(ref.v)
-        for s, hk, hv in history:
-            k[:, :, where(s):where(s) + hk.shape[2]], v[:, :, where(s):where(s) + hv.shape[2]] = hk, hv
-        return k[:, :, :end], v[:, :, :end]
+        for i, (s, hk, hv) in enumerate(history):
+            at, b = where(i, s), rows or hk.shape[0]  # rows=every row: a batch of 1 broadcasts into all of them
+            k[:b, :, at:at + hk.shape[2]], v[:b, :, at:at + hv.shape[2]] = hk, hv
+        return k[:rows or B, :, :upto], v[:rows or B, :, :upto]
+
+    counter = [0]  # where a cache with its own counter, reset only at start_pos 0, writes each step
+    for (s, _, _), (_, before, _) in zip(history[1:], history):
+        counter.append(0 if s == 0 else counter[-1] + before.shape[2])
 
     return {
-        "the cache returned only the new keys/values: return everything so far, self.k[:, :, :start_pos + T]":
+        "the cache returned only the new keys/values: return everything so far, self.k[:B, :, :start_pos + T]":
             lambda: (xk, xv),
         "returned the whole buffer (all max_seq_len positions, the unwritten ones still zero): slice to "
         ":start_pos + T": lambda: (ref.k, ref.v),
         "returned the keys before start_pos without the new ones: slice to :start_pos + T":
-            lambda: (ref.k[:, :, :start], ref.v[:, :, :start]),
-        "wrote the new keys at position 0 instead of at start_pos": lambda: written_at(lambda s: 0),
+            lambda: (ref.k[:B, :, :start], ref.v[:B, :, :start]),
+        "wrote the new keys at position 0 instead of at start_pos": lambda: written_at(lambda i, s: 0),
         "wrote the new keys one position too far (start_pos + 1): write at start_pos":
-            lambda: written_at(lambda s: s + 1),
+            lambda: written_at(lambda i, s: s + 1),
+        COUNTER: lambda: written_at(lambda i, s: counter[i], counter[-1] + xk.shape[2]),
         "appended (torch.cat) instead of writing at start_pos: a new prompt from start_pos 0 must overwrite "
         "the old keys": lambda: tuple(torch.cat([h[i] for h in history], dim=2) for i in (1, 2)),
+        "returned every row of the cache for a smaller batch; " + SMALL_BATCH_HINT:
+            lambda: (ref.k[:, :, :end], ref.v[:, :, :end]),
+        "wrote a batch of 1 into every row of the cache (it broadcasts) and returned them all; "
+        + SMALL_BATCH_HINT: lambda: written_at(lambda i, s: s, rows=ref.k.shape[0]),
         "keys and values swapped: return (keys, values)": lambda: expected[::-1],
         "returned the keys twice: return (keys, values)": lambda: (expected[0], expected[0]),
     }
@@ -52,21 +69,22 @@ def _cache_mistakes(history: list, ref: KVCache, expected: tuple) -> dict:
 @_seeded
 def check_kv_cache(cls: type) -> None:
     """cls(batch_size, n_kv_heads, max_seq_len, head_dim); update(start_pos, xk, xv (B, n_kv_heads, T, hd))
-    -> (keys, values) of every position so far, each (B, n_kv_heads, start_pos + T, hd)."""
+    -> (keys, values) of every position so far, each (B, n_kv_heads, start_pos + T, hd); B <= batch_size."""
     args = dict(batch_size=2, n_kv_heads=2, max_seq_len=8, head_dim=4)
     mine, ref = _call(cls, args), KVCache(*args.values())
     if not callable(getattr(mine, "update", None)):
         raise AssertionError(f"{_name(cls)} has no method update(start_pos, xk, xv)")
     history = []
-    for start_pos, T in [(0, 3), (3, 1), (4, 2), (0, 2)]:  # prefill, two decode steps, a new prompt from 0
-        xk, xv = torch.randn(2, 2, T, 4), torch.randn(2, 2, T, 4)
+    for start_pos, T, B in CACHE_WRITES:
+        xk, xv = torch.randn(B, 2, T, 4), torch.randn(B, 2, T, 4)
         history.append((start_pos, xk, xv))
         inputs = dict(start_pos=start_pos, xk=xk, xv=xv)
-        got = _call(mine.update, inputs, CACHE_HINT)
+        got = _call(mine.update, inputs, SMALL_BATCH_HINT if B < args["batch_size"] else CACHE_HINT)
         expected = tuple(t.clone() for t in ref.update(start_pos, xk, xv))
         after = f", after writes at start_pos {[s for s, _, _ in history[:-1]]}" if len(history) > 1 else ""
-        _compare(got, expected, _describe(inputs) + after, _cache_mistakes(history, ref, expected), CACHE_HINT,
-                 labels=("keys", "values"))
+        batch = f", in a cache of batch_size {args['batch_size']}" if B < args["batch_size"] else ""
+        _compare(got, expected, _describe(inputs) + after + batch, _cache_mistakes(history, ref, expected),
+                 CACHE_HINT, labels=("keys", "values"))
 
 
 # ---- the attention forward that uses the cache -----------------------------------------------------
@@ -119,6 +137,28 @@ def _chunk(x, cos, sin, start: int, T: int) -> dict:
     return dict(x=x[:, start:start + T], cos=cos[start:start + T], sin=sin[start:start + T], start_pos=start)
 
 
+def _call_sliced_twice(mine, inputs: dict, cos, sin, ref: Attention, desc: str):
+    """mine(**inputs); if that crashes after the prompt, try the tables from position 0: a forward that slices
+    cos[start_pos:start_pos + T] again (the caller already did) then gives the right output, and is named."""
+    try:
+        return _call(mine, inputs, CACHED_ATTENTION_HINT)
+    except NotAttempted:
+        raise
+    except AssertionError:
+        start, T = inputs["start_pos"], inputs["x"].shape[1]
+        if start == 0:
+            raise
+        try:
+            again = mine(inputs["x"], cos[:start + T], sin[:start + T], start)
+        except Exception:
+            again = None
+        if not (torch.is_tensor(again) and _close(again, ref(*inputs.values()))):
+            raise
+        raise AssertionError("cos and sin sliced again at start_pos: they are already the rows of positions start_pos "
+                             f".. start_pos + T - 1 (the model slices its tables), use them as given (input: {desc})"
+                             ) from None
+
+
 @_seeded
 def check_cached_attention(cls: type) -> None:
     """cls(dim, n_heads, n_kv_heads) with self.cache (None, or a KVCache the caller installs); forward(x (B, T, dim),
@@ -144,9 +184,9 @@ def check_cached_attention(cls: type) -> None:
         mistakes = _cached_attention_mistakes(ref, x, cos, sin)
         for i, (start, T) in enumerate(CACHED_CHUNKS):
             inputs = _chunk(x, cos, sin, start, T)
-            got = _call(mine, inputs, CACHED_ATTENTION_HINT)
             held = f"the cache holding positions 0 .. {start - 1}" if start else "an empty cache"
             desc = f"{_describe(args | inputs)}, {held}"
+            got = _call_sliced_twice(mine, inputs, cos, sin, ref, desc)
             _compare(got, ref(*inputs.values()), desc, {m: partial(o.__getitem__, i) for m, o in mistakes.items()},
                      CACHED_ATTENTION_HINT, also=whole[:, start:start + T])
         cached = getattr(getattr(mine, "cache", None), "k", None)

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import KVCache
 from ..feedforward import FeedForward, swiglu_hidden_dim
 from ..model import LlamaConfig, TransformerBlock
-from ..norm import RMSNorm
+from ..norm import RMSNorm, rms_norm
 from ..rope import rope_cos_sin
-from .checking import _call, _compare, _describe, _module, _seeded
+from .checking import _call, _compare, _describe, _module, _name, _seeded
 
 # ---- SwiGLU ----------------------------------------------------------------------------------------
 
@@ -102,7 +103,9 @@ def _rmsnorm_mistakes(x, w, eps: float) -> dict:
         "x.var() subtracts the mean: RMSNorm uses the mean of x², x.pow(2).mean(-1, keepdim=True)":
             lambda: x * torch.rsqrt(x.var(-1, keepdim=True) + eps) * w,
         "eps added outside the square root: x / sqrt(mean(x²) + eps)": lambda: x / (ms.sqrt() + eps) * w,
-        "eps missing: x / sqrt(mean(x²) + eps)": lambda: x / ms.sqrt() * w,
+        "the eps argument ignored (the default 1e-5 used instead): store self.eps = eps in __init__ and use it":
+            lambda: x * torch.rsqrt(ms + 1e-5) * w,
+        "eps missing (or a tiny constant in its place): x / sqrt(mean(x²) + self.eps)": lambda: x / ms.sqrt() * w,
         "weight not applied: multiply by self.weight (the learned gain)": lambda: x * torch.rsqrt(ms + eps),
         "divided by the L2 norm, not the RMS: take the mean of x², not the sum":
             lambda: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w,
@@ -131,10 +134,15 @@ def check_rmsnorm(cls: type) -> None:
 
 # ---- the transformer block -------------------------------------------------------------------------
 
+BLOCK_HINT = "h = x + attention(attention_norm(x), cos, sin, start_pos); out = h + feed_forward(ffn_norm(h))"
+BLOCK_CHUNKS = [(0, 3), (3, 1), (4, 2)]  # (start_pos, T) with a KV cache: a prompt, a decode step, a chunk
+
+
 def _block_mistakes(m: TransformerBlock, x, cos, sin) -> dict:
     """What the usual wrong blocks compute, with the reference's sub-layers."""
     attn = lambda h: m.attention(h, cos, sin, 0)
     ff, n1, n2, none = m.feed_forward, m.attention_norm, m.ffn_norm, nn.Identity()
+    default_eps = (partial(rms_norm, weight=n.weight) for n in (n1, n2))  # RMSNorm(dim): eps 1e-5
 
     def pre(norm1=n1, norm2=n2, res1=True, res2=True):
         h = attn(norm1(x)) + (x if res1 else 0)
@@ -162,13 +170,49 @@ def _block_mistakes(m: TransformerBlock, x, cos, sin) -> dict:
             normed_residual,
         "parallel block: the feed-forward must read h = x + attention(...), not x": lambda: x + attn(n1(x)) + ff(n2(x)),
         "no norms: normalise each sub-layer's input, attention(attention_norm(x))": partial(pre, none, none),
+        "the norms ignore config.norm_eps (RMSNorm's default eps 1e-5 used instead): RMSNorm(config.dim, "
+        "config.norm_eps)": partial(pre, *default_eps),
     }
+
+
+def _block_chunks(ref: TransformerBlock, x, cos, sin, start_pos=True) -> list:
+    """The outputs of ref on each chunk of BLOCK_CHUNKS through a fresh KV cache; start_pos=False passes 0."""
+    c = ref.attention
+    ref.attention.cache = KVCache(x.shape[0], c.n_kv_heads, x.shape[1], c.head_dim)
+    try:
+        return [ref(x[:, s:s + T], cos[s:s + T], sin[s:s + T], s if start_pos else 0) for s, T in BLOCK_CHUNKS]
+    finally:
+        ref.attention.cache = None
+
+
+def _check_block_cached(mine: nn.Module, ref: TransformerBlock, config: LlamaConfig) -> None:
+    """mine fed a prompt, a decode step and a chunk through a KV cache on mine.attention, as the model does."""
+    if not hasattr(getattr(mine, "attention", None), "cache"):
+        raise AssertionError(f"{_name(type(mine))}.attention must be utils.attention.Attention(config.dim, "
+                             "config.n_heads, config.n_kv_heads): it is where the model attaches a KV cache")
+    S = sum(BLOCK_CHUNKS[-1])
+    x, (cos, sin) = torch.randn(2, S, config.dim), rope_cos_sin(config.head_dim, S)
+    expected, whole = _block_chunks(ref, x, cos, sin), ref(x, cos, sin)  # whole: every position at once
+    dropped = _block_chunks(ref, x, cos, sin, start_pos=False)
+    mine.attention.cache = KVCache(2, config.n_kv_heads, S, config.head_dim)
+    try:
+        for i, (s, T) in enumerate(BLOCK_CHUNKS):
+            inputs = dict(x=x[:, s:s + T], cos=cos[s:s + T], sin=sin[s:s + T], start_pos=s)
+            held = f", a KV cache holding positions 0 .. {s - 1}" if s else ", an empty KV cache"
+            mistakes = {"start_pos not passed on: with a KV cache the attention must write the new keys at start_pos, "
+                        "self.attention(self.attention_norm(x), cos, sin, start_pos)": partial(dropped.__getitem__, i)}
+            _compare(_call(mine, inputs), expected[i], _describe(inputs) + held, mistakes, BLOCK_HINT,
+                     also=whole[:, s:s + T])
+    finally:
+        mine.attention.cache = None
 
 
 @_seeded
 def check_block(cls: type) -> None:
-    """cls(config); forward(x (B, T, dim), cos, sin, start_pos=0) -> (B, T, dim), pre-norm with residuals."""
-    config = LlamaConfig(vocab_size=32, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=16)
+    """cls(config); forward(x (B, T, dim), cos, sin, start_pos=0) -> (B, T, dim), pre-norm with residuals; then
+    with a KV cache on its attention: a prompt, a decode step and a chunk at start_pos 0, 3, 4."""
+    config = LlamaConfig(vocab_size=32, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=16,
+                         norm_eps=1e-2)
     ref = TransformerBlock(config).eval()
     for norm in (ref.attention_norm, ref.ffn_norm):
         norm.weight.copy_(torch.rand(config.dim) + 0.5)  # different gains, so that a shared norm shows
@@ -177,5 +221,6 @@ def check_block(cls: type) -> None:
     mine = _module(cls, dict(config=config), ref, cases[0])
     for inputs in cases:
         x, cos, sin, _ = inputs.values()
-        _compare(_call(mine, inputs), ref(x, cos, sin), _describe(inputs), _block_mistakes(ref, x, cos, sin),
-                 "h = x + attention(attention_norm(x), cos, sin, start_pos); out = h + feed_forward(ffn_norm(h))")
+        _compare(_call(mine, inputs), ref(x, cos, sin), f"{_describe(inputs)}, norm_eps {config.norm_eps:g}",
+                 _block_mistakes(ref, x, cos, sin), BLOCK_HINT)
+    _check_block_cached(mine, ref, config)

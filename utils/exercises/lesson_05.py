@@ -14,8 +14,9 @@ from torch import nn
 
 from ..attention import KVCache
 from ..model import LlamaConfig
+from ..norm import rms_norm
 from ..rope import rope_cos_sin
-from .checking import _call, _compare, _describe, _name, _seeded, _weights_problem
+from .checking import _call, _check_parts_attempted, _compare, _describe, _name, _seeded, _weights_problem
 
 # The whole model: counting its parameters and its KV cache from the shape alone. Both are checked on
 # several shapes at once (GQA and MHA, tied and untied, Llama-2-7B and 70B), since one shape cannot tell
@@ -97,10 +98,13 @@ def check_count_params(fn: Callable) -> None:
             raise AssertionError(f"returned {got[-1]!r} ({type(got[-1]).__name__}): return a Python int "
                                  f"(sum of p.numel(), or .item() of a tensor) (input: {_shape(c)})")
     built = tuple(sum(p.numel() for p in _built(c).parameters()) for c in configs)  # an independent count
-    _compare(tuple(got), tuple(count_params(c) for c in configs), "; ".join(map(_shape, configs)),
+    expected = tuple(count_params(c) for c in configs)
+    first = _first_difference(tuple(got), expected, built) if tuple(got) != expected else 0
+    _compare(tuple(got), expected, _shape(configs[first]),
              _count_mistakes(configs), "per block: attention dim * head_dim * (2 n_heads + 2 n_kv_heads), "
              "feed-forward 3 * dim * hidden_dim, two norms of dim; plus the embedding, the final norm and the "
-             "output layer (none if tied)", also=built, labels=[_shape(c) for c in configs])
+             "output layer (none if tied)", also=built,
+             labels=[f"model {i + 1} of {len(configs)}" for i in range(len(configs))])
 
 
 def _kv_cases() -> list:
@@ -110,30 +114,37 @@ def _kv_cases() -> list:
     return [(small, 3, 10, 2), (mha, 1, 7, 4), (PRESETS["llama2-7b"], 1, 4000, 2), (PRESETS["llama2-70b"], 2, 4096, 1)]
 
 
-def _kv_bytes(c, B, T, nbytes, kv="kv", heads=None, width=None, layers=True, batch=True, seq=None, unit=1):
+def _kv_bytes(c, B, T, nbytes, kv="kv", heads="n_kv_heads", width="head_dim", layers=True, batch=True,
+              seq="seq_len", unit="bytes"):
     """2 (K and V) * n_layers * B * T * n_kv_heads * head_dim * bytes, with knobs for the usual mistakes."""
-    per_token = (heads or c.n_kv_heads) * (width or c.dim // c.n_heads)
-    return len(kv) * (c.n_layers if layers else 1) * (B if batch else 1) * (seq or T) * per_token * nbytes * unit
+    per_token = getattr(c, heads) * (c.dim // c.n_heads if width == "head_dim" else c.dim)
+    size = {"bytes": nbytes, "elements": 1, "bits": 8 * nbytes}[unit]
+    tokens = T if seq == "seq_len" else c.max_seq_len
+    return len(kv) * (c.n_layers if layers else 1) * (B if batch else 1) * tokens * per_token * size
 
 
 def _kv_mistakes(cases: list) -> dict:
     each = lambda **knobs: tuple(_kv_bytes(*case, **knobs) for case in cases)
     return {
         "K/V heads counted with n_heads: the cache holds only the n_kv_heads shared K/V heads (GQA)":
-            lambda: tuple(_kv_bytes(*case, heads=case[0].n_heads) for case in cases),
+            partial(each, heads="n_heads"),
         "n_kv_heads * dim: each K/V head holds head_dim = dim // n_heads numbers per token":
-            lambda: tuple(_kv_bytes(*case, width=case[0].dim) for case in cases),
+            partial(each, width="dim"),
         "only keys (or only values): the cache holds both, a factor 2": partial(each, kv="k"),
         "queries counted too: only keys and values are cached (a query is used once, by its own token)":
             partial(each, kv="qkv"),
         "one layer: every layer keeps its own keys and values, times n_layers": partial(each, layers=False),
         "batch_size ignored: every sequence in the batch has its own cache": partial(each, batch=False),
         "config.max_seq_len used: the cache here holds seq_len tokens (the argument)":
-            lambda: tuple(_kv_bytes(*case, seq=case[0].max_seq_len) for case in cases),
-        "counted elements, not bytes: multiply by bytes_per_element": lambda: tuple(_kv_bytes(c, B, T, 1)
-                                                                                    for c, B, T, _ in cases),
-        "bits, not bytes: bytes_per_element is already in bytes (bfloat16: 2)": partial(each, unit=8),
+            partial(each, seq="max_seq_len"),
+        "counted elements, not bytes: multiply by bytes_per_element": partial(each, unit="elements"),
+        "bits, not bytes: bytes_per_element is already in bytes (bfloat16: 2)": partial(each, unit="bits"),
     }
+
+
+def _first_difference(got: tuple, expected: tuple, also: tuple) -> int:
+    """The first case where got disagrees with either reference."""
+    return next(i for i, (g, e, a) in enumerate(zip(got, expected, also)) if g != e or g != a)
 
 
 @_seeded
@@ -141,21 +152,24 @@ def check_kv_cache_bytes(fn: Callable) -> None:
     """fn(config, batch_size, seq_len, bytes_per_element) -> int: bytes of the KV cache of every layer."""
     cases, got = _kv_cases(), []
     dtypes = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32}
-    for c, B, T, nbytes in cases:
+    labels = [f"{_shape(c)}; batch_size={B}, seq_len={T}, bytes_per_element={n}" for c, B, T, n in cases]
+    for (c, B, T, nbytes), label in zip(cases, labels):
         inputs = dict(config=c, batch_size=B, seq_len=T, bytes_per_element=nbytes)
         got.append(_call(fn, inputs))
-        if torch.is_tensor(got[-1]) or not isinstance(got[-1], (int, float)) or isinstance(got[-1], bool):
-            raise AssertionError(f"returned {got[-1]!r} ({type(got[-1]).__name__}): return a number of bytes, an "
-                                 f"int (input: {_shape(c)}, batch_size={B}, seq_len={T}, bytes_per_element={nbytes})")
+        if torch.is_tensor(got[-1]) or not isinstance(got[-1], int) or isinstance(got[-1], bool):
+            why = (", a float (dim / n_heads gives one): return an int, with dim // n_heads or int(...)"
+                   if isinstance(got[-1], float) else f" ({type(got[-1]).__name__}): return a number of bytes, an int")
+            raise AssertionError(f"returned {got[-1]!r}{why} (input: {label})")
     allocated = []
     for c, B, T, nbytes in cases:  # what the model really allocates, on the meta device (no memory)
         model = _built(c)
         allocated.append(model.setup_cache(B, T, dtype=dtypes[nbytes], device="meta"))
         model.clear_cache()
-    labels = [f"{_shape(c)}; batch_size={B}, seq_len={T}, bytes_per_element={n}" for c, B, T, n in cases]
-    _compare(tuple(got), tuple(_kv_bytes(*case) for case in cases), " | ".join(labels), _kv_mistakes(cases),
+    expected = tuple(_kv_bytes(*case) for case in cases)
+    first = _first_difference(tuple(got), expected, tuple(allocated)) if tuple(got) != expected else 0
+    _compare(tuple(got), expected, labels[first], _kv_mistakes(cases),
              "2 (keys and values) * n_layers * batch_size * seq_len * n_kv_heads * head_dim * bytes_per_element",
-             also=tuple(allocated), labels=labels)
+             also=tuple(allocated), labels=[f"case {i + 1} of {len(cases)}" for i in range(len(cases))])
 
 
 # The whole model: embeddings, blocks, final norm, output; RoPE positions from start_pos; tied weights.
@@ -169,13 +183,13 @@ LLAMA_CHUNKS = [(0, 5), (5, 1), (6, 2)]  # (start_pos, T) with a KV cache: a pro
 def _llama_configs() -> list:
     # init_std 0.1: sharp attention and large logits, as in a trained model, so that mistakes show
     return [LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=16,
-                        rope_theta=500000.0, init_std=0.1),
+                        rope_theta=500000.0, init_std=0.1, norm_eps=1e-2),
             LlamaConfig(vocab_size=48, dim=24, n_layers=2, n_heads=3, hidden_dim=40, max_seq_len=16,
                         tie_embeddings=True, init_std=0.1)]
 
 
 def _llama(ref, tokens, start_pos=0, rope_from="start_pos", layer_start_pos=True, final_norm=True, emb_scale=1.0,
-           probs=False, theta=None, layers="all"):
+           probs=False, theta=None, layers="all", norm_eps=None):
     """Llama forward with the modules of ref (a utils Llama), written out, with knobs for the usual mistakes."""
     c, T = ref.config, tokens.shape[1]
     cos, sin = rope_cos_sin(c.head_dim, c.max_seq_len, theta or c.rope_theta)
@@ -185,7 +199,8 @@ def _llama(ref, tokens, start_pos=0, rope_from="start_pos", layer_start_pos=True
     order = {"all": ref.layers, "first": ref.layers[:1], "last": ref.layers[-1:], "reversed": ref.layers[::-1]}
     for layer in order[layers]:
         h = layer(h, cos, sin, start_pos if layer_start_pos else 0)
-    logits = ref.output(ref.norm(h) if final_norm else h).float()
+    norm = ref.norm if norm_eps is None else partial(rms_norm, weight=ref.norm.weight, eps=norm_eps)
+    logits = ref.output(norm(h) if final_norm else h).float()
     return logits.softmax(-1) if probs else logits
 
 
@@ -208,6 +223,8 @@ def _llama_mistakes(ref, tokens) -> dict:
             partial(llama, emb_scale=c.dim ** 0.5),
         "RoPE tables built with theta 10000: use config.rope_theta (this model's is 500000, as in Llama 3)":
             partial(llama, theta=10000.0),
+        "the final norm ignores config.norm_eps (RMSNorm's default eps 1e-5 used instead): self.norm = "
+        "RMSNorm(config.dim, config.norm_eps)": partial(llama, norm_eps=1e-5),
         "only the first block ran: h = layer(h, cos, sin, start_pos) for every layer, in order":
             partial(llama, layers="first"),
         "only the last block ran: h = layer(h, cos, sin, start_pos) for every layer, in order":
@@ -236,6 +253,7 @@ def _llama_module(cls, config: LlamaConfig, ref: nn.Module, probe: dict) -> nn.M
         raise AssertionError(f"{_name(cls)} must subclass nn.Module: class {_name(cls)}(nn.Module)")
     if not any(True for _ in mine.parameters()):
         _call(mine, probe)  # an untouched stub stops here with NotAttempted
+    _check_parts_attempted(mine, ref)
     if config.tie_embeddings:
         out, emb = (getattr(getattr(mine, m, None), "weight", None) for m in ("output", "tok_embeddings"))
         if torch.is_tensor(out) and torch.is_tensor(emb) and out is not emb:
@@ -261,7 +279,7 @@ def check_llama(cls: type) -> None:
         tokens = torch.randint(0, config.vocab_size, (2, sum(LLAMA_CHUNKS[-1])))
         inputs = dict(tokens=tokens, start_pos=0)
         mine = _llama_module(cls, config, ref, inputs)
-        desc = f"{_shape(config)}, rope_theta {config.rope_theta:g}; {_describe(inputs)}"
+        desc = f"{_shape(config)}, rope_theta {config.rope_theta:g}, norm_eps {config.norm_eps:g}; {_describe(inputs)}"
         _compare(_call(mine, inputs, LLAMA_HINT), ref(tokens), desc, _llama_mistakes(ref, tokens), LLAMA_HINT,
                  also=_llama(ref, tokens))
         attentions = [getattr(layer, "attention", None) for layer in getattr(mine, "layers", [])]

@@ -82,7 +82,22 @@ def _batch_mistakes(ids, starts, T) -> dict:
         "off-by-one window: x and y are max_seq_len - 1 tokens long; slice ids[s : s + max_seq_len] for x and "
         "ids[s + 1 : s + max_seq_len + 1] for y": partial(windows, len_x=T - 1, len_y=T - 1),
         "off-by-one window: y is one token short, ids[s + 1 : s + max_seq_len + 1]": partial(windows, len_y=T - 1),
+        "y made by rolling x (torch.roll): its last token wraps around to x's first; cut y from ids, "
+        "ids[s + 1 : s + max_seq_len + 1], so that it ends with the token after the window":
+            lambda: (windows()[0], windows()[0].roll(-1, dims=1)),
     }
+
+
+OWN_STARTS = ("right windows, but not at the given starts: x[i] must begin at ids[starts[i]] (don't draw your own "
+              "positions, the caller chose them)")
+
+
+def _windows_found(ids, got, T: int) -> tuple:
+    """The windows (x, y) at the positions where got's rows of x begin in ids (distinct ids): what a make_batch
+    that drew its own starts returns."""
+    at = {v: i for i, v in enumerate(ids.tolist())}
+    s = [at[v] for v in got[0][:, 0].tolist()]  # KeyError: x is not cut from ids
+    return tuple(torch.stack([ids[i + k:i + k + T] for i in s]) for k in (0, 1))
 
 
 @_seeded
@@ -97,16 +112,17 @@ def check_batch(fn) -> None:
             raise AssertionError(f"returned {got[0].dtype} and {got[1].dtype}: return int64 (torch.long) ids, which "
                                  f"nn.Embedding and F.cross_entropy expect (input: {_describe(inputs)})")
         ref = windows_at(ids.numpy(), starts.numpy(), T)
-        _compare(tuple(got) if isinstance(got, list) else got, ref, _describe(inputs),
-                 _batch_mistakes(ids, starts, T), BATCH_HINT, labels=("x", "y"))
+        mistakes = _batch_mistakes(ids, starts, T) | {OWN_STARTS: partial(_windows_found, ids, got, T)}
+        _compare(tuple(got) if isinstance(got, list) else got, ref, _describe(inputs), mistakes, BATCH_HINT,
+                 labels=("x", "y"))
 
 
 LR_HINT = ("steps 0 .. warmup_steps - 1: lr * (step + 1) / warmup_steps; then progress = (step - warmup_steps) / "
            "(max_steps - warmup_steps), clamped to [0, 1], and min_lr + 0.5 * (lr - min_lr) * (1 + cos(pi * progress))")
 
 
-def _lr_curve(max_steps, warmup, lr, min_lr, warmup_num=1, decay_from=None, span=None, floor=None, height=None,
-              period=1.0, shape="cosine", warm=True):
+def _lr_curve(max_steps, warmup, lr, min_lr, warmup_num=1, warmup_den=0, warm_until=0, decay_from=None, span=None,
+              floor=None, height=None, period=1.0, shape="cosine", warm=True):
     """The learning rate at steps 0 .. max_steps, textbook, with knobs for the usual mistakes."""
     decay_from = warmup if decay_from is None else decay_from
     span = max(max_steps - decay_from, 1) if span is None else span
@@ -114,8 +130,8 @@ def _lr_curve(max_steps, warmup, lr, min_lr, warmup_num=1, decay_from=None, span
     height = lr - min_lr if height is None else height
     out = []
     for step in range(max_steps + 1):
-        if warm and step < warmup:
-            out.append(lr * (step + warmup_num) / warmup)
+        if warm and step < warmup + warm_until:
+            out.append(lr * (step + warmup_num) / (warmup + warmup_den))
             continue
         p = min(max((step - decay_from) / span, 0.0), 1.0)
         decay = 0.5 * (1 + math.cos(math.pi * period * p)) if shape == "cosine" else 1 - p
@@ -132,6 +148,10 @@ def _lr_mistakes(max_steps, warmup, lr, min_lr) -> dict:
             partial(curve, warm=False, decay_from=0),
         "warmup off by one: step 0 already trains, at lr * (0 + 1) / warmup_steps, and step warmup_steps - 1 "
         "reaches the peak lr": partial(curve, warmup_num=0),
+        "warmup divided by warmup_steps + 1 (as nanoGPT's get_lr): the peak lr is reached at step warmup_steps - 1, "
+        "lr * (step + 1) / warmup_steps": partial(curve, warmup_den=1),
+        "warmup one step too long (step <= warmup_steps): at step warmup_steps the lr is already past the peak; "
+        "warm up while step < warmup_steps": partial(curve, warm_until=1),
         "decay measured from step 0 instead of after warmup: progress = (step - warmup_steps) / "
         "(max_steps - warmup_steps)": partial(curve, decay_from=0),
         "cosine does not reach min_lr at the last step: the decay lasts max_steps - warmup_steps steps, so "
@@ -176,14 +196,20 @@ def check_lr_schedule(fn) -> None:
 
 # ---- generation ------------------------------------------------------------------------------------
 
-def _sampling_probs(logits, temperature, top_k, top_p, keep_crossing=True, sort=True, p_first=False):
+def _sampling_probs(logits, temperature, top_k, top_p, keep_crossing=True, sort=True, p_first=False,
+                    cut_at_t1=False):
     """The distribution sample_next draws from, (B, vocab), the textbook way, with knobs for the usual mistakes."""
+    if cut_at_t1:  # the tokens kept chosen on the temperature-1 distribution, the temperature applied after
+        kept = _sampling_probs(logits, 1.0, top_k, top_p, keep_crossing, sort, p_first) > 0
+        p = torch.softmax(logits.double() / temperature, dim=-1) * kept
+        return p / p.sum(-1, keepdim=True)
+
     def keep_top_k(p):
         p = torch.where(p >= p.topk(top_k, dim=-1).values[:, -1:], p, 0.0)
         return p / p.sum(-1, keepdim=True)
 
     def keep_top_p(p):
-        order = p.argsort(-1, descending=True) if sort else torch.arange(p.shape[-1]).expand_as(p)
+        order = p.argsort(dim=-1, descending=True) if sort else torch.arange(p.shape[-1]).expand_as(p)
         sorted_p = p.gather(-1, order)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
         drop = before >= top_p if keep_crossing else before + sorted_p > top_p
@@ -200,8 +226,9 @@ def _sampling_probs(logits, temperature, top_k, top_p, keep_crossing=True, sort=
 def _sampling_mistakes(logits, temperature, top_k, top_p) -> dict:
     p = partial(_sampling_probs, logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return {
-        "temperature has no effect: divide the logits by it before the softmax (dividing the probabilities "
-        "changes nothing, torch.multinomial renormalises them)": partial(p, temperature=1.0),
+        "temperature has no effect: divide the logits by it before the softmax, with or without top_k and top_p "
+        "(dividing the probabilities changes nothing, torch.multinomial renormalises them)":
+            partial(p, temperature=1.0),
         "logits multiplied by the temperature: divide them (a higher temperature flattens the distribution)":
             partial(p, temperature=1 / temperature),
         # equals the reference unless both top_k and top_p are given, so it shadows nothing before that case
@@ -210,11 +237,16 @@ def _sampling_mistakes(logits, temperature, top_k, top_p) -> dict:
         "top_k ignored: keep only the k most likely tokens (set the others to -inf)": partial(p, top_k=None),
         "top_k keeps one token too many": partial(p, top_k=top_k and top_k + 1),
         "top_k keeps one token too few": partial(p, top_k=top_k and top_k - 1),
-        "top_p ignored: keep the most likely tokens until their mass reaches top_p": partial(p, top_p=None),
+        "top_p has no effect: keep the most likely tokens until their mass reaches top_p (sort with descending=True: "
+        "sorted ascending, the mass before a token rarely reaches top_p and nothing is dropped)":
+            partial(p, top_p=None),
         "top_p dropped the token that crosses the threshold: keep the smallest set whose mass reaches top_p "
         "(drop a token only if the mass before it already does)": partial(p, keep_crossing=False),
         "top_p summed the probabilities unsorted: sort them in descending order before the cumsum":
             partial(p, sort=False),
+        "top_p cut chosen before the temperature (on softmax(logits)): divide the logits by the temperature first, "
+        "then choose the top-p tokens from those probabilities (the temperature changes how many make up top_p)":
+            partial(p, cut_at_t1=True),
     }
 
 
@@ -248,9 +280,10 @@ def check_sample_next(fn: Callable) -> None:
     """fn(logits (B, vocab), temperature, top_k, top_p, generator) -> (B,) token ids; temperature 0 is greedy."""
     n, V = 20000, _PROBS.shape[1]
     logits = _PROBS.log() + torch.tensor([[1.0], [-2.0]])  # log-probabilities up to a constant per row
-    # the last case keeps 2 tokens: top_k cuts to 3, top_p to 2 of those (4 of the full distribution)
+    # (1.0, 3, 0.72) keeps 2 tokens: top_k cuts to 3, top_p to 2 of those (4 of the full distribution);
+    # (0.5, None, 0.8) keeps 3: chosen at temperature 1 the cut would keep 4
     for temperature, top_k, top_p in [(1.0, None, None), (0.5, None, None), (1.0, 3, None), (1.0, None, 0.75),
-                                      (1.0, 3, 0.72)]:
+                                      (1.0, 3, 0.72), (0.5, None, 0.8), (2.0, 3, None)]:
         inputs = dict(logits=logits.repeat_interleave(n, 0), temperature=temperature, top_k=top_k, top_p=top_p,
                       generator=torch.Generator().manual_seed(0))
         desc = _describe(inputs) + f" (2 rows of logits, each repeated {n} times)"
