@@ -111,6 +111,17 @@ def test_lora_resume_continues_exactly(base_run, corpus, monkeypatch, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cli_resume_of_a_lora_run_keeps_its_settings(base_run, corpus, monkeypatch, tmp_path):
+    base, _ = base_run
+    out = tmp_path / "lora"
+    assert cli(corpus, monkeypatch, "--init-from", str(base), "--lora-rank", "2", "--out", str(out)) == 0
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--no-progress", "--sample-tokens",
+                 "0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["train_config"]["lora_rank"] == 2 and m["trainable_params"] < m["params"] / 10
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "8", "--lora-rank", "4"]) == 2
+
+
 # ---- errors: one line, exit code 2, no folder written ---------------------------------------------------------
 
 @pytest.mark.parametrize("flags,message", [
