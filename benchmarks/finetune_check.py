@@ -26,18 +26,18 @@ from utils.train import per_char, val_windows  # noqa: E402
 
 
 def hf_model(init_from: str):
-    """transformers' LlamaForCausalLM for the checkpoint the run started from, in float32."""
+    """transformers' LlamaForCausalLM for the checkpoint the run started from (a GGUF is dequantized to float32)."""
     import transformers
 
     path = Path(init_from)
     if path.suffix == ".gguf":
-        return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).float().eval()
-    return transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()  # dequantized
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @torch.no_grad()
-def hf_val_loss_per_char(run: Path, batch_size: int = 8) -> tuple[float, int]:
-    """(nats per character of the run's validation split under transformers' model, tokens scored)."""
+def hf_val_loss_per_char(run: Path, batch_size: int = 8) -> tuple[float, int, torch.dtype]:
+    """(nats per character of the run's validation split under transformers' model, tokens scored, its dtype)."""
     cfg = json.loads((run / METRICS_FILE).read_text())["train_config"]
     data = prepare_data(cfg["dataset"], load_tokenizer(run))
     T = cfg["max_seq_len"]
@@ -49,7 +49,7 @@ def hf_val_loss_per_char(run: Path, batch_size: int = 8) -> tuple[float, int]:
         logits = model(x).logits.float()
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         scored += y.numel()
-    return per_char(total, scored, len(data.val), data.val_chars), scored
+    return per_char(total, scored, len(data.val), data.val_chars), scored, next(model.parameters()).dtype
 
 
 def main(run_dir: str) -> None:
@@ -58,10 +58,11 @@ def main(run_dir: str) -> None:
     if not metrics["train_config"].get("init_from"):
         raise SystemExit(f"{run} is not a finetune (no init_from): nothing to check against transformers")
     t0 = time.perf_counter()
-    theirs, scored = hf_val_loss_per_char(run)
+    theirs, scored, dtype = hf_val_loss_per_char(run)
     ours = metrics["init_val_loss_per_char"]
+    dtype, seconds = str(dtype).removeprefix("torch."), time.perf_counter() - t0
     print(f"{run}: init_val_loss_per_char {ours:.4f} (trainer, {metrics['dtype']}) vs {theirs:.4f} (transformers, "
-          f"float32) on {scored:,} tokens: ratio {ours / theirs:.4f} ({time.perf_counter() - t0:.0f} s)")
+          f"{dtype}) on {scored:,} tokens: ratio {ours / theirs:.4f} ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":
