@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.decode import attach_cache, fast_decode_step  # noqa: E402
+from utils.decode import decoder  # noqa: E402
 from utils.device import keep_freed_memory  # noqa: E402
 from utils.model import Llama, LlamaConfig  # noqa: E402
 
@@ -64,14 +64,14 @@ def decode(shape: str, dtype: torch.dtype) -> None:
     model = Llama(cfg).to(dtype).eval()
     token = torch.tensor([[1]])
     with torch.inference_mode():
-        attach_cache(model, 1, 256)
+        step = decoder(model)
+        step.attach(model, 1, 256)
         model(torch.randint(0, cfg.vocab_size, (1, 128)))
         pos = iter(range(128, 10**9))
         bucket_table(lambda: model(token, start_pos=next(pos) % 200 + 50)[:, -1].argmax(-1), 100,
                      f"decode step, plain forward ({shape}, {dtype})")
-        step = fast_decode_step(model)
-        step(model, token, torch.tensor([128]))
-        bucket_table(lambda: step(model, token, torch.tensor([next(pos) % 200 + 50])).argmax(-1), 100,
+        step(model, token, 128)
+        bucket_table(lambda: step(model, token, next(pos) % 200 + 50).argmax(-1), 100,
                      f"decode step, compiled (utils/decode.py; {shape}, {dtype})")
         model.clear_cache()
 

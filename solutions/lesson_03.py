@@ -4,10 +4,9 @@ A test replaces each exercise cell by `from solutions.lesson_03 import *` and ex
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from utils.attention import KVCache, repeat_kv
+from utils.attention import KVCache, attention
 from utils.rope import apply_rotary_emb
 
 __all__ = ["MyKVCache", "my_causal_mask", "MyAttention"]
@@ -58,7 +57,5 @@ class MyAttention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)                    # (B, n_kv_heads, S, head_dim)
         S = k.shape[2]                                                   # start_pos + T with a cache, else T
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                  # (B, n_heads, S, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=my_causal_mask(T, S))  # (B, n_heads, T, head_dim)
+        y = attention(q, k, v, my_causal_mask(T, S))                    # (B, n_heads, T, head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -9,6 +9,7 @@ import torch
 
 from utils.__main__ import main
 from utils.chat import fit_to_context, render_chat
+from utils.checkpoints import load_pretrained
 from utils.hf import save_hf
 from utils.model import Llama, LlamaConfig
 
@@ -159,3 +160,80 @@ def test_interactive_chat_ends_cleanly_on_ctrl_d_and_ctrl_c(hf_folder, capsys, m
 
     monkeypatch.setattr(builtins, "input", ctrl_c)
     assert main(args) == 0
+
+
+# ---- the KV cache kept between turns ------------------------------------------------------------------------
+
+def five_turns(hf_folder, capsys, monkeypatch, keep: bool, extra=()) -> tuple[str, list[int]]:
+    """A greedy interactive chat of five messages: (what it printed, tokens each forward pass processed)."""
+    import utils.chat
+    import utils.checkpoints
+
+    config = json.loads((hf_folder / "tokenizer_config.json").read_text())
+    (hf_folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": ZEPHYR}))
+    processed = []
+
+    def load_and_count(*args, **kwargs):
+        model = load_pretrained(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, a, kw: processed.append((a[0] if a else kw["tokens"]).shape[1]),
+                                        with_kwargs=True)
+        return model
+
+    if "--compile" not in extra:  # a hook in the compiled step would be compiled into it
+        monkeypatch.setattr(utils.checkpoints, "load_pretrained", load_and_count)
+    if not keep:  # the caches never claim to hold anything: every turn processes the whole conversation
+        monkeypatch.setattr(utils.chat.KeptCache, "replied", lambda self, ids, reply: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you\nhello there\nyou\nare you there\n"))
+    assert main(["chat", "--checkpoint", str(hf_folder), "--temperature", "0", "--max-new-tokens", "6", *extra]) == 0
+    return capsys.readouterr().out, processed
+
+
+def test_a_chat_keeping_its_cache_between_turns_writes_the_tokens_of_one_that_rereads_everything(
+        hf_folder, capsys, monkeypatch):
+    kept, kept_counts = five_turns(hf_folder, capsys, monkeypatch, keep=True)
+    reread, reread_counts = five_turns(hf_folder, capsys, monkeypatch, keep=False)
+    assert kept == reread and kept.count(">>> ") == 6
+    prefills = lambda counts: [n for n in counts if n > 1]  # decode steps process one token each
+    assert len(prefills(kept_counts)) == len(prefills(reread_counts)) == 5
+    assert prefills(kept_counts)[0] == prefills(reread_counts)[0]  # turn 1: the whole prompt either way
+    for turn in range(1, 5):  # later turns: at most what the prompt added since the turn before
+        assert prefills(kept_counts)[turn] <= prefills(reread_counts)[turn] - prefills(reread_counts)[turn - 1]
+
+
+def test_a_turn_whose_earlier_tokens_changed_rereads_from_the_first_difference():
+    """A template may render an earlier turn differently once another follows: keep only the common prefix."""
+    from utils.chat import KeptCache
+    from utils.generate import generate, stream
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                              max_seq_len=128)).eval()
+    kept = KeptCache(model)
+    first = torch.randint(0, 64, (20,)).tolist()
+    assert kept.reuse(first, 5) == 0
+    new = [t.item() for t in stream(model, torch.tensor([first]), 5, temperature=0, cached=0)]
+    kept.replied(first, new)
+    second = first[:12] + [(first[12] + 1) % 64] + first[13:] + new + [7, 8, 9]  # token 12 rendered differently
+    assert kept.reuse(second, 5) == 12
+    again = torch.cat(list(stream(model, torch.tensor([second]), 5, temperature=0, cached=12)))
+    assert torch.equal(again, generate(model, torch.tensor([second]), 5, temperature=0)[0, len(second):])
+    kept.replied(second, again.tolist())
+    assert kept.reuse(second, 5) == len(second) - 1  # a prompt the caches hold entirely: its last id again
+
+
+def test_a_compiled_chat_keeping_its_cache_writes_the_plain_tokens(hf_folder, capsys, monkeypatch):
+    """The compiled step reads the same kept caches (one compile, ~10 s on 2 cores)."""
+    compiled, _ = five_turns(hf_folder, capsys, monkeypatch, keep=True, extra=("--compile",))  # first: no hooks yet
+    plain, _ = five_turns(hf_folder, capsys, monkeypatch, keep=True)
+    assert compiled == plain
+
+
+def test_chat_and_generate_find_the_checkpoint_format_once(hf_folder, capsys, monkeypatch):
+    import utils.checkpoints
+
+    (hf_folder / "chat_template.jinja").write_text(ZEPHYR)
+    calls, detect = [], utils.checkpoints.detect_format
+    monkeypatch.setattr(utils.checkpoints, "detect_format", lambda path: calls.append(path) or detect(path))
+    assert main(["chat", "--checkpoint", str(hf_folder), "--message", "hello", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--checkpoint", str(hf_folder), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+    assert calls == [str(hf_folder)] * 2

@@ -384,10 +384,6 @@ def test_meta_missing_shard_and_wrong_shapes(tmp_path):
     (tmp_path / "consolidated.01.pth").rename(tmp_path / "consolidated.02.pth")
     with pytest.raises(FileNotFoundError, match="consolidated.00.pth ... consolidated.01.pth"):
         load_pretrained(tmp_path)
-    (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
-    (tmp_path / "consolidated.02.pth").rename(tmp_path / "consolidated.01.pth")
-    with pytest.raises(ValueError, match="scaled RoPE"):
-        load_pretrained(tmp_path)
 
 
 def test_llama2c_bin_truncated_padded_or_unknown_version(tmp_path):

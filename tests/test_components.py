@@ -239,12 +239,44 @@ def test_auto_dtype_uses_bf16_on_cpus_with_amx_or_avx512_bf16(monkeypatch):
     assert pick_dtype("fp32", torch.device("cpu")) == torch.float32
 
 
+def test_plain_attention_is_the_formula_head_by_head():
+    """The reference against the formula written out per query head (head h reads K/V head h // n_rep)."""
+    from utils.attention import attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    heads = []
+    for h in range(6):
+        scores = q[:, h] @ k[:, h // 2].transpose(-1, -2) / math.sqrt(8)  # (B, T, S)
+        scores = scores + torch.full((4, 9), float("-inf")).triu(9 - 4 + 1)  # query i sits at position 5 + i
+        heads.append(torch.softmax(scores, -1) @ v[:, h // 2])
+    torch.testing.assert_close(attention(q, k, v), torch.stack(heads, 1))
+
+
 @pytest.mark.parametrize("T, S", [(1, 9), (6, 6), (4, 9)])
-def test_fused_attention_equals_the_textbook_formula(T, S):
+def test_fused_attention_equals_plain_attention(T, S):
     # decode (one query, every key), plain causal, and a chunk after cached keys (bottom-right mask)
-    from utils.attention import fused_attention
+    from utils.attention import attention, fused_attention
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, T, 8), torch.randn(2, 3, S, 8), torch.randn(2, 3, S, 8)
-    scores = q @ repeat_kv(k, 2).transpose(-2, -1) / math.sqrt(8)  # (B, H, T, S)
-    scores = scores.masked_fill(~causal_mask(T, S), float("-inf"))
-    torch.testing.assert_close(fused_attention(q, k, v), torch.softmax(scores, -1) @ repeat_kv(v, 2))
+    torch.testing.assert_close(fused_attention(q, k, v), attention(q, k, v))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_fused_attention_at_a_tensor_position_hides_the_keys_after_it(T):
+    """A fixed-size cache (the compiled decode step): keys past start_pos + i hold stale numbers, never read."""
+    from utils.attention import attention, fused_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, T, 8), torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
+    start_pos = torch.tensor([5])
+    expected = attention(q, k[:, :, :5 + T], v[:, :, :5 + T])  # only what is written: positions 0 .. 5 + T - 1
+    torch.testing.assert_close(fused_attention(q, k, v, start_pos=start_pos), expected)
+    torch.testing.assert_close(attention(q, k, v, causal_mask(T, 16, start_pos=start_pos)), expected)
+
+
+def test_kv_cache_update_at_a_tensor_position_writes_in_place_and_returns_the_whole_cache():
+    from utils.attention import KVCache
+    cache, xk = KVCache(1, 2, 8, 4), torch.randn(1, 2, 3, 4)
+    k, v = cache.update(torch.tensor([2]), xk, -xk)
+    assert k.shape == (1, 2, 8, 4) and k.data_ptr() == cache.k.data_ptr()
+    assert torch.equal(cache.k[:, :, 2:5], xk) and torch.equal(cache.v[:, :, 2:5], -xk)
+    assert cache.k[:, :, :2].abs().sum() == 0 and cache.k[:, :, 5:].abs().sum() == 0

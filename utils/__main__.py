@@ -16,7 +16,7 @@ from typing import get_args
 
 import torch
 
-from .chat import add_chat_parser, run_chat
+from .chat import run_chat
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_sampling_flags(p: argparse.ArgumentParser, *, temperature: float, top_p: float | None,
+                       max_new_tokens: int | None, length: str) -> None:
+    """The flags `generate` and `chat` share: how many tokens, how to pick them, where and how to run.
+    Each help names its default once (the commands differ in a few)."""
+    default = " (default: %(default)s)"
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help=length)
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help="0 is greedy; higher is more random" + default)
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=top_p, help="sample from the smallest set with this much mass"
+                   + (default if top_p is not None else ""))
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps" + default)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first tokens wait for the "
+                        "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
+
+
 def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     """The parser; the train command's flags only when `command` is train (they import the trainer)."""
     parser = argparse.ArgumentParser(prog="python -m utils", description="Train a LLaMA-2 model and sample from it.")
@@ -67,19 +87,16 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True,
                    help="a folder written by `train`, a Hugging Face/Meta/llama2.c checkpoint, or a hub id")
     g.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="tokens to generate (default: 200, or fewer if the model's context ends sooner)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
-    g.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
-    g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
-    g.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first token waits for the "
-                        "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
-    add_chat_parser(sub)  # utils/chat.py
+    add_sampling_flags(g, temperature=0.8, top_p=None, max_new_tokens=None,
+                       length="tokens to generate (default: 200, or fewer if the model's context ends sooner)")
+    c = sub.add_parser("chat", help="chat with an instruction-tuned model through its chat template (utils/chat.py)",
+                       parents=[common])
+    c.add_argument("--checkpoint", required=True,
+                   help="a .gguf file, a Hugging Face folder with a chat template, or a hub id")
+    c.add_argument("--message", default=None, help="answer this one message and exit (default: interactive)")
+    c.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
+    add_sampling_flags(c, temperature=0.7, top_p=0.9, max_new_tokens=256,
+                       length="longest reply, in tokens (at most half the model's context; default: %(default)s)")
     r = sub.add_parser("report", help="one markdown table row per run folder, from its metrics.json", parents=[common])
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `train`")
     r.add_argument("--no-header", dest="header", action="store_false", help="rows only, to append to a table")
@@ -180,13 +197,15 @@ def run_train(args) -> int:
 
 def load_for_generation(path: str, device: torch.device, dtype: str | None = None):
     """(model, tokenizer) from our training folder or any format `load_pretrained` reads."""
-    from .checkpoints import detect_format, load_pretrained, load_pretrained_tokenizer
+    from .checkpoints import load_pretrained, load_pretrained_tokenizer, resolve
     from .tokenizer import load_tokenizer
 
-    model = load_pretrained(path, device=device, dtype=dtype)
-    if detect_format(path) == "ours":  # a run folder, or the ckpt.pt in one: the tokenizer is beside it
-        return model, load_tokenizer(path if Path(path).is_dir() else Path(path).parent)
-    tok = load_pretrained_tokenizer(path)
+    checkpoint = resolve(path)  # the format, found once
+    model = load_pretrained(checkpoint, device=device, dtype=dtype)
+    if checkpoint.fmt == "ours":
+        # a run folder, or the ckpt.pt in one: the tokenizer is beside it
+        return model, load_tokenizer(checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent)
+    tok = load_pretrained_tokenizer(checkpoint)
     if tok is None:
         raise FileNotFoundError(f"{path} ships no tokenizer (tokenizer.json or tokenizer.model): "
                                 "copy the model's tokenizer file next to its weights")
@@ -195,7 +214,7 @@ def load_for_generation(path: str, device: torch.device, dtype: str | None = Non
 
 def run_generate(args) -> int:
     from .device import pick_device
-    from .generate import check_sampling, stream
+    from .generate import check_sampling, print_stream, stream
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     device = pick_device(args.device)
@@ -210,22 +229,10 @@ def run_generate(args) -> int:
         from .decode import compile_note
         print(compile_note(model), file=sys.stderr)
     print(args.prompt, end="", flush=True)
-    # Decode prompt + new tokens together and print what is new: SentencePiece drops the leading
-    # space of a sequence's first piece, so decoding the new tokens alone would glue words together.
-    context = ids if args.prompt else []
-    new: list[int] = []
-    shown = tok.decode(context) if context else ""
-    stops = getattr(tok, "eos_ids", None) or ({tok.eot_id} if tok.eot_id is not None else None)  # GGUF: several
-    for token in stream(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        stop_token=stops, generator=gen, compile=args.compile):
-        if stops and token.item() in stops:
-            break
-        new.append(token.item())
-        text = tok.decode(context + new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    print(tok.decode(context + new)[len(shown):])
+    stops = getattr(tok, "eos_ids", None) or ({tok.eot_id} if tok.eot_id is not None else set())  # GGUF: several
+    tokens = stream(model, prompt, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    stop_token=stops or None, generator=gen, compile=args.compile)
+    print_stream(tok, tokens, stops, context=ids if args.prompt else [])
     return 0
 
 

@@ -10,7 +10,6 @@ GGUF's metadata, `chat_template` in an HF folder's tokenizer_config.json, or cha
 `render_chat` runs it as transformers' `apply_chat_template` does; the reply ends at an end-of-turn id.
 """
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -78,21 +77,40 @@ def hf_chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
     return template, special
 
 
-def load_chat_template(path: str | Path, tokenizer) -> tuple[str | None, dict[str, str]]:
+def load_chat_template(checkpoint, tokenizer) -> tuple[str | None, dict[str, str]]:
     """The model's chat template and the special tokens it prints, or (None, {}) if it has none.
 
     A GGUF's template came with its tokenizer (GGUFTokenizer.chat_template); an HF folder or hub id has it
-    in tokenizer_config.json or chat_template.jinja.
+    in tokenizer_config.json or chat_template.jinja. checkpoint: a path, or `utils.checkpoints.resolve`'s answer.
+    A model with none of its own whose vocabulary has Llama 3's header tokens (Meta's checkpoints) gets Llama 3's
+    format (`default_chat_template`).
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template, {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-    from .checkpoints import detect_format, download_hub
+    from .checkpoints import resolve
 
-    fmt = detect_format(path)
+    fmt, path = resolve(checkpoint)
     if fmt == "gguf":
-        return None, {}
-    directory = download_hub(str(path)) if fmt == "hub" else Path(path)
-    return hf_chat_template(directory if directory.is_dir() else directory.parent)
+        return default_chat_template(tokenizer)
+    template, special = hf_chat_template(path if path.is_dir() else path.parent)
+    return (template, special) if template else default_chat_template(tokenizer)
+
+
+# Meta's Llama 3 chat format (llama-models' ChatFormat): each message is a header naming its role, a blank line,
+# the text, <|eot_id|>; the prompt ends with the assistant's header. Meta's checkpoints ship no Jinja template.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def default_chat_template(tokenizer) -> tuple[str | None, dict[str, str]]:
+    """For a model with no template of its own: Llama 3's format if its vocabulary has Llama 3's header tokens."""
+    inner = getattr(tokenizer, "tokenizer", None)  # HF and GGUF tokenizers wrap a tokenizers.Tokenizer
+    known = inner.token_to_id if inner is not None else getattr(tokenizer, "special_tokens", {}).get
+    if all(known(t) is not None for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
+        return LLAMA3_CHAT_TEMPLATE, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    return None, {}
 
 
 # ---- the conversation -----------------------------------------------------------------------------------
@@ -113,11 +131,13 @@ def fit_to_context(messages: list[dict], n_tokens: Callable[[list[dict]], int], 
 
 
 def stop_ids(tokenizer, special: dict[str, str]) -> set[int]:
-    """Ids that end the model's turn: a GGUF tokenizer lists them (eos_ids); else eos and the known markers."""
+    """Ids that end the model's turn: a GGUF tokenizer lists them (eos_ids); else eos and the known end markers."""
+    from .gguf import END_TOKENS
+
     ids = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eot_id} - {None})
     inner = getattr(tokenizer, "tokenizer", None)  # an HFTokenizer's tokenizers.Tokenizer
     if inner is not None:
-        for text in (special.get("eos_token"), "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        for text in (special.get("eos_token"), *END_TOKENS):
             if text and inner.token_to_id(text) is not None:
                 ids.add(inner.token_to_id(text))
     return ids
@@ -133,86 +153,83 @@ def encode_prompt(tokenizer, text: str, bos_token: str | None) -> list[int]:
     return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
 
-def stream_reply(model, tokenizer, ids: list[int], stops: set[int], args, generator) -> str:
-    """Sample a reply to the prompt `ids`, printing its text as it comes; return the text."""
-    from .generate import stream
+class KeptCache:
+    """The model's KV caches, kept from one turn of a chat to the next, and the ids whose keys and values they hold.
+
+    A new turn's prompt is the whole conversation again, so most of it is already in the caches. A template may
+    render earlier turns differently once another follows (a reply re-tokenized, the oldest turn dropped), so a
+    turn keeps the longest prefix its prompt shares with those ids and processes only what follows.
+    """
+
+    def __init__(self, model):
+        self.model, self.ids = model, []
+
+    def reuse(self, ids: list[int], max_new_tokens: int) -> int:
+        """Attach caches with room for ids + max_new_tokens; return how many leading ids they already hold."""
+        from .decode import decoder
+
+        keep = 0
+        for held, new in zip(self.ids, ids[:-1]):  # the last id is always processed: its logits pick the reply
+            if held != new:
+                break
+            keep += 1
+        keep = decoder(self.model).attach(self.model, 1, len(ids) + max_new_tokens, keep)
+        self.ids = ids[:keep]  # until the reply is done, only these are sure
+        return keep
+
+    def replied(self, ids: list[int], reply: list[int]) -> None:
+        self.ids = ids + reply[:-1]  # each reply id before the last was fed back to pick the next one
+
+
+def stream_reply(model, tokenizer, ids: list[int], stops: set[int], args, generator, kept: KeptCache | None = None
+                 ) -> str:
+    """Sample a reply to the prompt `ids`, printing its text as it comes; return the text.
+
+    With `kept`, the conversation's earlier turns are read from the caches it keeps, not processed again.
+    """
+    from .generate import print_stream, stream
 
     prompt = torch.tensor([ids], dtype=torch.long, device=model.output.weight.device)
-    new: list[int] = []
-    shown = ""
-    for token in stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_token=stops or None, generator=generator,
-                        compile=args.compile):
-        if token.item() in stops:
-            break
-        new.append(token.item())
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    text = tokenizer.decode(new)
-    print(text[len(shown):], flush=True)
-    return text.strip()
+    cached = kept.reuse(ids, args.max_new_tokens) if kept is not None else None
+    tokens = stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, stop_token=stops or None, generator=generator, compile=args.compile,
+                    cached=cached)
+    new = print_stream(tokenizer, tokens, stops)
+    if kept is not None:
+        kept.replied(ids, new)
+    return tokenizer.decode(new).strip()
 
 
-# ---- the command line -----------------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def add_chat_parser(sub) -> argparse.ArgumentParser:
-    """`python -m utils chat`: its flags, as a subcommand of the main parser."""
-    c = sub.add_parser("chat", help="chat with an instruction-tuned model through its chat template")
-    c.add_argument("--checkpoint", required=True,
-                   help="a .gguf file, a Hugging Face folder with a chat template, or a hub id")
-    c.add_argument("--message", default=None, help="answer this one message and exit (default: interactive)")
-    c.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
-    c.add_argument("--max-new-tokens", type=_positive_int, default=256,
-                   help="longest reply, in tokens (at most half the model's context; default: %(default)s)")
-    c.add_argument("--temperature", type=float, default=0.7,
-                   help="0 is greedy; higher is more random (default: %(default)s)")
-    c.add_argument("--top-k", type=_positive_int, default=None, help="sample only from the k most likely tokens")
-    c.add_argument("--top-p", type=float, default=0.9,
-                   help="sample from the smallest set with this much mass (default: %(default)s)")
-    c.add_argument("--seed", type=int, default=None, help="random seed, for reproducible replies")
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
-    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
-    c.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first reply waits for the "
-                        "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
-    return c
-
+# ---- the command line (its flags are in utils/__main__.py) ----------------------------------------------
 
 def run_chat(args) -> int:
     """Answer --message, or chat until Ctrl-D / Ctrl-C; older turns are dropped when the context is full."""
-    from .checkpoints import detect_format, load_pretrained, load_pretrained_tokenizer
+    from .checkpoints import load_pretrained, load_pretrained_tokenizer, resolve
     from .device import pick_device
     from .generate import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     generate_instead = f"use `python -m utils generate --checkpoint {args.checkpoint} --prompt ...` instead"
-    ours = detect_format(args.checkpoint) == "ours"
-    if ours:  # a run folder chats if its model was finetuned from a chat model (its tokenizer keeps the template)
-        from .tokenizer import load_tokenizer
-        if not getattr(load_tokenizer(args.checkpoint), "chat_template", None):
-            raise ValueError(f"{args.checkpoint} is a model trained here from scratch, which has no chat template: "
-                             f"{generate_instead}")
     try:
-        tokenizer = load_tokenizer(args.checkpoint) if ours else load_pretrained_tokenizer(args.checkpoint)
+        checkpoint = resolve(args.checkpoint)  # the format, found once (a hub id: downloaded)
+        if checkpoint.fmt == "ours":  # a run finetuned from a chat model chats: its tokenizer keeps the template
+            from .tokenizer import load_tokenizer
+            path = checkpoint.path
+            tokenizer = load_tokenizer(path if path.is_dir() else path.parent)
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"{args.checkpoint} is a model trained here from scratch, which has no chat template: "
+                                 f"{generate_instead}")
+        else:
+            tokenizer = load_pretrained_tokenizer(checkpoint)
         if tokenizer is None:
             raise FileNotFoundError(f"{args.checkpoint} ships no tokenizer: a chat needs one and its chat template")
-        template, special = load_chat_template(args.checkpoint, tokenizer)
+        template, special = load_chat_template(checkpoint, tokenizer)
         if not template:
             raise ValueError(f"{args.checkpoint} has no chat template (tokenizer.chat_template in a GGUF, "
                              "chat_template in tokenizer_config.json or chat_template.jinja), so it is no chat "
                              f"model: {generate_instead}")
         device = pick_device(args.device)
-        model = load_pretrained(args.checkpoint, device=device, dtype=args.dtype)
+        model = load_pretrained(checkpoint, device=device, dtype=args.dtype)
         args.max_new_tokens = min(args.max_new_tokens, model.config.max_seq_len // 2)  # the prompt gets the rest
         return _converse(model, tokenizer, template, special, args, device)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C anywhere, Ctrl-D at the prompt: leave quietly
@@ -226,6 +243,7 @@ def _converse(model, tokenizer, template: str, special: dict[str, str], args, de
     messages = [{"role": "system", "content": args.system}] if args.system else []
     count = lambda msgs: len(encode_prompt(tokenizer, render_chat(template, msgs, **special), special["bos_token"]))
     budget = model.config.max_seq_len - args.max_new_tokens
+    kept = KeptCache(model)
     if args.compile:
         from .decode import compile_note
         print(compile_note(model), file=sys.stderr)
@@ -245,7 +263,7 @@ def _converse(model, tokenizer, template: str, special: dict[str, str], args, de
             print(f"error: {e}", file=sys.stderr)
             continue
         ids = encode_prompt(tokenizer, render_chat(template, messages, **special), special["bos_token"])
-        reply = stream_reply(model, tokenizer, ids, stops, args, generator)
+        reply = stream_reply(model, tokenizer, ids, stops, args, generator, kept)
         if args.message is not None:
             return 0
         messages.append({"role": "assistant", "content": reply})

@@ -18,15 +18,24 @@ tells them apart):
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
-from .gguf import GGUFTokenizer, load_gguf, load_gguf_tokenizer
+from .gguf import load_gguf, load_gguf_tokenizer
 from .hf import HF_WEIGHT_FILES, download_hub, load_hf
 from .llama2c import load_llama2c_bin, load_llama2c_pt
 from .lora import merge_lora_state_dict
 from .meta import load_meta
 from .model import Llama, LlamaConfig
 from .runs import CKPT_FILE
-from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, eos_token_from_config, load_tokenizer
+from .tokenizer import (
+    HFTokenizer,
+    Llama3Tokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    eos_token_from_config,
+    is_tiktoken_file,
+    load_tokenizer,
+)
 from .weights import as_dtype, build_model, strip_prefix, torch_load, with_max_seq_len
 
 # ---- our run folder -------------------------------------------------------------------------------------
@@ -112,41 +121,59 @@ def detect_format(path: str | Path) -> str:
                             "a llama2c .pt/.bin file, a llama.cpp .gguf file, or a Hugging Face hub id 'owner/name'")
 
 
+class Resolved(NamedTuple):
+    """A checkpoint's format and local path, found once (`resolve`) and handed to every loader."""
+    fmt: str  # "ours", "hf", "meta", "llama2c-pt", "llama2c-bin" or "gguf"
+    path: Path
+
+
+def resolve(path: str | Path | Resolved) -> Resolved:
+    """(format, local path) of a checkpoint: its format detected once, a hub id downloaded (then "hf")."""
+    if isinstance(path, Resolved):
+        return path
+    fmt = detect_format(path)
+    return Resolved("hf", download_hub(str(path))) if fmt == "hub" else Resolved(fmt, Path(path))
+
+
 # ---- the doors ------------------------------------------------------------------------------------------
 
 LOADERS = {"ours": load_ours, "hf": load_hf, "meta": load_meta, "llama2c-pt": load_llama2c_pt,
            "llama2c-bin": load_llama2c_bin, "gguf": load_gguf}
 
 
-def load_pretrained(path: str | Path, *, device="cpu", dtype=None, max_seq_len: int | None = None) -> Llama:
+def load_pretrained(path: str | Path | Resolved, *, device="cpu", dtype=None, max_seq_len: int | None = None) -> Llama:
     """A `Llama` (eval mode) with the weights of any supported checkpoint (see `detect_format`) or hub id.
 
     dtype None keeps the checkpoint's dtype; max_seq_len overrides the context length (RoPE tables only).
     """
-    fmt = detect_format(path)
-    if fmt == "hub":
-        path, fmt = download_hub(str(path)), "hf"
+    fmt, path = resolve(path)
     if fmt == "gguf":  # dequantized straight to dtype: a 7B Q4 file never exists in float32 first
-        config, sd = load_gguf(Path(path), max_seq_len, dtype=as_dtype(dtype))
+        config, sd = load_gguf(path, max_seq_len, dtype=as_dtype(dtype))
     else:
-        config, sd = LOADERS[fmt](Path(path), max_seq_len)
+        config, sd = LOADERS[fmt](path, max_seq_len)
     return build_model(config, sd, f"{path} ({fmt})", device=device, dtype=dtype)
 
 
-def load_pretrained_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer | GGUFTokenizer | None:
+def load_pretrained_tokenizer(path: str | Path | Resolved) -> Tokenizer | None:
     """The tokenizer shipped with a foreign checkpoint (tokenizer.json, tokenizer.model, a GGUF's metadata), else None.
 
-    None for our own checkpoints too: load those with utils.tokenizer.load_tokenizer(directory).
+    A tokenizer.model is Llama 2's SentencePiece or Llama 3's tiktoken file, told apart by content; it may be
+    given as the file itself. None for our own checkpoints: load those with utils.tokenizer.load_tokenizer.
     """
-    fmt = detect_format(path)
+    if not isinstance(path, Resolved) and Path(path).is_file() and Path(path).suffix == ".model":
+        return _tokenizer_model(Path(path))
+    fmt, path = resolve(path)
     if fmt == "ours":
         return None
     if fmt == "gguf":
         return load_gguf_tokenizer(path)
-    directory = download_hub(str(path)) if fmt == "hub" else Path(path)
-    directory = directory if directory.is_dir() else directory.parent
+    directory = path if path.is_dir() else path.parent
     if (directory / "tokenizer.json").exists():
         return HFTokenizer(directory / "tokenizer.json", eos_token_from_config(directory))
     if (directory / "tokenizer.model").exists():
-        return SentencePieceTokenizer(directory / "tokenizer.model")
+        return _tokenizer_model(directory / "tokenizer.model")
     return None
+
+
+def _tokenizer_model(path: Path) -> SentencePieceTokenizer | Llama3Tokenizer:
+    return Llama3Tokenizer(path) if is_tiktoken_file(path) else SentencePieceTokenizer(path)

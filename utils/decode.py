@@ -1,57 +1,35 @@
-"""Speed: one decode step with the same shapes every time, so torch.compile can make it one graph.
+"""Speed: the decode step compiled, so that a token costs one graph instead of ~40 small calls per layer.
 
 The plain decode step, `model(token, start_pos=pos)`, attends to a cache that grows by one key per
 step (a new shape each time) and runs ~40 small PyTorch calls per layer. Each call costs Python
 overhead on a CPU and a kernel launch on a GPU, which is why batch-1 decoding of a small model is
-far from what reading its weights allows (benchmarks/RESULTS.md). Here the position is a tensor,
-the cache is written with index_copy_ and attention always reads the whole preallocated cache, with a
-mask hiding the positions not written yet. Nothing depends on the step any more, so:
+far from what reading its weights allows (benchmarks/RESULTS.md). The same forward takes the position
+as a (1,) tensor instead (gpt-fast's way): the cache is then written with index_copy_ and read whole,
+a mask hiding the positions not written yet (`utils.attention.update_in_place`, `fused_attention`).
+Nothing depends on the step any more, so:
 
 - on a GPU, torch.compile(mode="reduce-overhead") records the step once as a CUDA graph and
   replays it: one launch per token instead of hundreds;
 - on a CPU, torch.compile with "freezing" fuses the small ops and packs each weight for the
   MKL/oneDNN matrix-vector kernels, which read it faster than the plain matmul does.
 
-`decode_step` gives the same logits as the plain forward (tests/test_decode.py); the lessons teach
-the plain one. `generate(..., compile=True)` and `--compile` on the CLI use this file.
+This file holds only that machinery: a `Decoder` owns the compiled step and the fixed-size caches it
+reads. `generate(..., compile=True)` and `--compile` on the CLI use it.
 """
 
 import contextlib
+import weakref
 
 import torch
-import torch.nn.functional as F
-
-from .rope import apply_rotary_emb
 
 
 def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """One new token per row at position pos: tokens (B, 1), pos (1,) int64 -> logits (B, vocab), float32.
 
-    Equals model(tokens, start_pos=int(pos))[:, -1] after the same earlier steps. The caches must
-    have been allocated (model.setup_cache) for batch B.
+    The model's own forward with the position as a tensor: no shape depends on it. The caches must have been
+    allocated (model.setup_cache) for batch B; equals model(tokens, start_pos=int(pos))[:, -1].
     """
-    cache_len = model.layers[0].attention.cache.max_seq_len
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (1, head_dim / 2): this position's angles
-    visible = (torch.arange(cache_len, device=pos.device) <= pos).view(1, 1, 1, cache_len)  # keys 0..pos
-    h = model.tok_embeddings(tokens)  # (B, 1, dim)
-    for layer in model.layers:
-        h = h + attend(layer.attention, layer.attention_norm(h), cos, sin, pos, visible)
-        h = h + layer.feed_forward(layer.ffn_norm(h))
-    return model.output(model.norm(h))[:, -1].float()
-
-
-def attend(attn, x: torch.Tensor, cos, sin, pos: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """`Attention.forward` for one token with a fixed-size cache: x (B, 1, dim) -> (B, 1, dim)."""
-    B = x.shape[0]
-    q = attn.wq(x).view(B, 1, attn.n_heads, attn.head_dim)
-    k = attn.wk(x).view(B, 1, attn.n_kv_heads, attn.head_dim)
-    v = attn.wv(x).view(B, 1, attn.n_kv_heads, attn.head_dim)
-    q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-    attn.cache.k.index_copy_(2, pos, k.transpose(1, 2))  # cache (B, n_kv_heads, cache_len, hd)
-    attn.cache.v.index_copy_(2, pos, v.transpose(1, 2))
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), attn.cache.k, attn.cache.v, attn_mask=visible,
-                                       enable_gqa=attn.n_heads != attn.n_kv_heads)  # (B, n_heads, 1, hd)
-    return attn.wo(y.transpose(1, 2).reshape(B, 1, -1))
+    return model(tokens, start_pos=pos)[:, -1]
 
 
 def compile_note(model) -> str:
@@ -70,47 +48,70 @@ def cache_length(needed: int, max_seq_len: int) -> int:
     return min(max_seq_len, max(256, 1 << (needed - 1).bit_length()))
 
 
-def attach_cache(model, batch_size: int, needed: int) -> None:
-    """Give every layer a cache of `cache_length(needed)` positions, reusing the last call's if it fits.
+class Decoder:
+    """One model's compiled decode step and the fixed-size caches it reads, kept from call to call.
 
-    Reusing keeps the cache at the same addresses, which a recorded CUDA graph requires, and saves
-    compiling again. Positions past the current one are masked, so old keys there are never read.
+    Get it with `decoder(model)`. Keeping the caches keeps their addresses (a recorded CUDA graph reads
+    them there), saves compiling again for the same size, and keeps what they hold (a chat's earlier turns).
     """
-    length = cache_length(needed, model.config.max_seq_len)
-    w = model.output.weight
-    key = (batch_size, length, w.dtype, w.device)
-    kept = getattr(model, "_static_caches", None)
-    if kept is None or kept[0] != key:
-        model.setup_cache(batch_size, max_seq_len=length)
-        kept = (key, [layer.attention.cache for layer in model.layers])
-        model._static_caches = kept
-    for layer, cache in zip(model.layers, kept[1]):
-        layer.attention.cache = cache
+
+    def __init__(self, device_type: str, weights: tuple):
+        self.weights = weights  # what the compiled step was built for (CPU freezing bakes the weights in)
+        self.step = compiled_step(device_type)
+        self.caches: list = []
+
+    def attach(self, model, batch_size: int, needed: int, keep: int = 0) -> int:
+        """Give every layer a cache of `cache_length(needed)` positions: the kept ones if that size fits, else
+        new ones into which the first `keep` positions of the kept ones are copied; return how many positions
+        it kept (0 when there were no caches to keep). Positions past the current one are masked, so old keys
+        there are never read."""
+        length = cache_length(needed, model.config.max_seq_len)
+        w = model.output.weight
+        old = self.caches
+        fits = bool(old) and old[0].k.shape[0] == batch_size and old[0].k.dtype == w.dtype
+        if not fits or old[0].max_seq_len != length:
+            model.setup_cache(batch_size, max_seq_len=length)
+            self.caches = [layer.attention.cache for layer in model.layers]
+            keep = min(keep, old[0].max_seq_len, length) if fits else 0
+            for new, was in zip(self.caches, old if fits else []):
+                new.k[:, :, :keep], new.v[:, :, :keep] = was.k[:, :, :keep], was.v[:, :, :keep]
+        for layer, cache in zip(model.layers, self.caches):
+            layer.attention.cache = cache
+        return keep
+
+    def __call__(self, model, tokens: torch.Tensor, pos: int, check_guards: bool = True) -> torch.Tensor:
+        """`decode_step` compiled, at the int position pos: tokens (B, 1) -> logits (B, vocab).
+        check_guards=False skips torch.compile's checks when the shapes are those of the call before."""
+        with same_shapes_as_before(not check_guards):
+            return self.step(model, tokens, torch.tensor([pos], device=tokens.device))
 
 
-def fast_decode_step(model):
-    """`decode_step` compiled for the model's device, built once per model and set of weights.
+_decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its Decoder
 
-    CPU: freezing treats the weights as constants (packed for MKL/oneDNN), so the compiled step is
-    rebuilt when they change (new tensors, or updated in place by an optimizer). The first call of each
-    cache size compiles: seconds for a small model, about a minute for a 30-layer one on 2 CPU cores.
-    The packed weights are a second copy: SmolLM2-135M in fp32 went from 836 to 1,941 MiB resident.
+
+def decoder(model) -> Decoder:
+    """The model's `Decoder`, built at its first use and again when its weights change (new tensors, or updated
+    in place by an optimizer): CPU freezing treats the weights as constants, packed for MKL/oneDNN. The first
+    call of each cache size compiles: seconds for a small model, about a minute for a 30-layer one on 2 CPU
+    cores. The packed weights are a second copy: SmolLM2-135M in fp32 went from 836 to 1,941 MiB resident.
     """
     weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    built = getattr(model, "_compiled_decode", None)
-    if built is not None and built[0] == weights:
-        return built[1]
+    built = _decoders.get(model)
+    if built is not None and built.weights == weights:
+        return built
     if built is not None:  # a frozen graph would keep the old weights: start over
         torch.compiler.reset()
-    device = model.output.weight.device.type
-    if device == "cuda":
-        fn = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
-    elif device == "cpu":
-        fn = frozen(torch.compile(decode_step, fullgraph=True))
-    else:
-        fn = torch.compile(decode_step, fullgraph=True)
-    model._compiled_decode = (weights, fn)
-    return fn
+    _decoders[model] = built = Decoder(model.output.weight.device.type, weights)
+    return built
+
+
+def compiled_step(device_type: str):
+    """`decode_step` compiled for a device: a CUDA graph on a GPU, frozen weights on a CPU."""
+    if device_type == "cuda":
+        return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    if device_type == "cpu":
+        return frozen(torch.compile(decode_step, fullgraph=True))
+    return torch.compile(decode_step, fullgraph=True)
 
 
 def frozen(compiled):

@@ -16,8 +16,12 @@ Three facts make the weights fit our `Llama`:
   convert_hf_to_gguf.py permutes the q/k rows of an HF checkpoint back from rotate-half: GGUF q/k are
   in our (Meta) layout already and load unpermuted. transformers' GGUF loader permutes them back to
   HF's layout; tests/test_gguf.py checks the real SmolLM2 file gives transformers' logits this way.
+
+Llama 3.1's RoPE scaling has no metadata key: convert_hf_to_gguf.py stores it as a tensor, rope_freqs.weight,
+the number each pair's frequency is divided by (`rope_freqs`); `rope_scaling_from_freqs` reads it back.
 """
 
+import math
 import os
 import sys
 from collections import Counter
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 
 from .model import LlamaConfig, count_params
+from .rope import RopeScaling, rope_frequencies, scale_frequencies
+from .tokenizer import LLAMA3_SPLIT_PATTERN
 
 # llama.cpp's tensor names -> Meta's (ours): blk.N.attn_q.weight is layers.N.attention.wq.weight.
 GGUF_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
@@ -71,10 +77,7 @@ def _check_supported(reader, path) -> None:
     scaling = metadata(reader, "llama.rope.scaling.type", "none")
     if scaling != "none" or metadata(reader, "llama.rope.scale_linear", 1.0) != 1.0:
         raise ValueError(f"{path}: RoPE scaling {scaling!r} is not supported: only plain RoPE "
-                         "(llama.rope.scaling.type none or absent) is")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError(f"{path}: per-frequency RoPE scaling (rope_freqs.weight, Llama 3.1+) is not supported: "
-                         "only plain RoPE is")
+                         "(llama.rope.scaling.type none or absent) and Llama 3.1's (rope_freqs.weight) are")
     if metadata(reader, "llama.expert_count", 0):
         raise ValueError(f"{path}: mixture-of-experts models (llama.expert_count > 0) are not supported")
 
@@ -100,6 +103,9 @@ def config_from_gguf(reader, path="model.gguf", max_seq_len: int | None = None) 
         if get(key) is not None and int(get(key)) != dim // n_heads:
             raise ValueError(f"{path}: llama.{key} = {get(key)} differs from embedding_length / head_count = "
                              f"{dim // n_heads}: models with a decoupled head_dim are not supported")
+    theta = _decimal(get("rope.freq_base", 10000.0))
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    scaling = None if freqs is None else rope_scaling_from_freqs(dequantize(freqs), dim // n_heads, theta, path)
     return LlamaConfig(
         vocab_size=shapes["token_embd.weight"][0],  # padded vocabularies: the rows are the truth
         dim=dim,
@@ -108,10 +114,46 @@ def config_from_gguf(reader, path="model.gguf", max_seq_len: int | None = None) 
         n_kv_heads=int(get("attention.head_count_kv", n_heads)),
         hidden_dim=int(get("feed_forward_length")),
         norm_eps=_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_decimal(get("rope.freq_base", 10000.0)),
+        rope_theta=theta,
+        rope_scaling=scaling,
         max_seq_len=max_seq_len or int(get("context_length", 2048)),
         tie_embeddings="output.weight" not in shapes,
     )
+
+
+def rope_freqs(config: LlamaConfig) -> torch.Tensor | None:
+    """What llama.cpp stores as rope_freqs.weight (float32, (head_dim / 2,)): plain / scaled frequency per pair,
+    1 for the fast pairs, the factor for the slow ones; None for plain RoPE, which stores no such tensor."""
+    if config.rope_scaling is None:
+        return None
+    freqs = rope_frequencies(config.head_dim, config.rope_theta)
+    return (freqs / scale_frequencies(freqs, config.rope_scaling)).float()
+
+
+def rope_scaling_from_freqs(divisors: torch.Tensor, head_dim: int, theta: float, path="model.gguf") -> RopeScaling:
+    """The RopeScaling whose frequencies are the plain ones / `divisors` (rope_freqs.weight), checked pair by pair.
+
+    factor is the largest divisor. Every Llama 3.x uses Meta's low_freq_factor 1, high_freq_factor 4 and
+    original context 8192; other values are solved from the blended pairs, whose 1 / divisor
+    = (1 - γ) / factor + γ with γ = (L / λ - 1) / (β - 1), a straight line in 1 / λ.
+    """
+    freqs, divisors = rope_frequencies(head_dim, theta), divisors.double().flatten()
+    factor = round(float(divisors.max()), 4)
+    candidates = [RopeScaling(factor=max(factor, 1.0))]
+    blended = (divisors > 1 + 1e-6) & (divisors < factor - 1e-4)
+    if blended.sum() >= 2 and factor > 1:
+        gamma = (1 / divisors[blended] - 1 / factor) / (1 - 1 / factor)
+        x = freqs[blended] / (2 * math.pi)  # 1 / wavelength
+        slope, intercept = np.polyfit(x.numpy(), gamma.numpy(), 1)  # gamma = slope * x + intercept
+        if intercept < 0:
+            beta = 1 - 1 / intercept
+            candidates.append(RopeScaling(factor=factor, high_freq_factor=round(beta, 4),
+                                          original_max_seq_len=round(slope * (beta - 1))))
+    for scaling in candidates:
+        if torch.allclose(freqs / scale_frequencies(freqs, scaling), divisors, rtol=1e-5, atol=0):
+            return scaling
+    raise ValueError(f"{path}: rope_freqs.weight {divisors.tolist()[:4]}... does not follow Llama 3.1's RoPE "
+                     "scaling rule: only that per-frequency scaling is supported")
 
 
 def meta_name(gguf_name: str) -> str:
@@ -208,8 +250,9 @@ def load_gguf(path: Path, max_seq_len: int | None = None, *, dtype=None,
     from tqdm.auto import tqdm
 
     show = verbose and Path(path).stat().st_size > PROGRESS_BAR_BYTES
+    tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]  # in config.rope_scaling already
     sd = {meta_name(t.name): dequantize(t, dtype)
-          for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not show, file=sys.stderr)}
+          for t in tqdm(tensors, desc="dequantizing", unit="tensor", disable=not show, file=sys.stderr)}
     return config, sd
 
 
@@ -223,8 +266,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # token
 
 # Byte-level BPE cuts text into chunks (words, numbers, punctuation) before merging; tokenizer.ggml.pre names
 # the rule the vocabulary was trained with. llama.cpp's llama-vocab.cpp lists the same ones.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = LLAMA3_SPLIT_PATTERN  # Meta's, as its tiktoken tokenizer splits (utils/tokenizer.py)
 GPT2_PRE = ("default", "gpt2")  # GPT-2's regex, which tokenizers' ByteLevel pre-tokenizer applies
 DIGITS_THEN_GPT2_PRE = ("smollm", "starcoder", "refact", "codeshell")  # every digit alone, then GPT-2's
 LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")

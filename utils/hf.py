@@ -16,7 +16,7 @@ import torch
 
 from .files import atomic_write
 from .model import Llama, LlamaConfig
-from .rope import permute_hf_to_meta, permute_meta_to_hf
+from .rope import RopeScaling, permute_hf_to_meta, permute_meta_to_hf
 from .weights import check_state_dict, expected_shapes, few_names, torch_load, with_max_seq_len
 
 # Hugging Face's per-layer names -> Meta's (ours).
@@ -27,14 +27,20 @@ HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "atten
                   "post_attention_layernorm": "ffn_norm"}
 
 
-def _hf_rope_theta(hf_config) -> float:
-    """rope_theta sits on the config in transformers 4, in `rope_parameters` in transformers 5."""
+def _hf_rope(hf_config) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling): on the config and in `rope_scaling` in transformers 4, in `rope_parameters` in 5."""
     params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise ValueError(f"RoPE scaling type {rope_type!r} is not supported: only plain RoPE (Llama 2) is")
+    if rope_type not in ("default", "llama3", None):
+        raise ValueError(f"RoPE scaling type {rope_type!r} is not supported: only plain RoPE (Llama 2) and "
+                         "'llama3' (Llama 3.1+) are")
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    theta = float(theta if theta is not None else 10000.0)
+    if rope_type != "llama3":
+        return theta, None
+    return theta, RopeScaling(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                              high_freq_factor=float(params["high_freq_factor"]),
+                              original_max_seq_len=int(params["original_max_position_embeddings"]))
 
 
 def config_from_hf(hf_config) -> LlamaConfig:
@@ -43,6 +49,7 @@ def config_from_hf(hf_config) -> LlamaConfig:
     if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
         raise ValueError(f"head_dim {head_dim} * n_heads {hf_config.num_attention_heads} != hidden_size "
                          f"{hf_config.hidden_size}: models with a decoupled head_dim are not supported")
+    theta, scaling = _hf_rope(hf_config)
     return LlamaConfig(
         vocab_size=hf_config.vocab_size,
         dim=hf_config.hidden_size,
@@ -51,7 +58,8 @@ def config_from_hf(hf_config) -> LlamaConfig:
         n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
         hidden_dim=hf_config.intermediate_size,
         norm_eps=hf_config.rms_norm_eps,
-        rope_theta=_hf_rope_theta(hf_config),
+        rope_theta=theta,
+        rope_scaling=scaling,
         max_seq_len=hf_config.max_position_embeddings,
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         init_std=getattr(hf_config, "initializer_range", 0.02),
@@ -166,12 +174,17 @@ def hf_config_dict(config: LlamaConfig, dtype: torch.dtype = torch.float32, bos_
                    eos_token_id: int | None = None) -> dict:
     """config.json for transformers' LlamaForCausalLM (readable by transformers 4 and 5)."""
     dtype_name = str(dtype).removeprefix("torch.")
+    s = config.rope_scaling
+    scaling = None if s is None else {
+        "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+        "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": config.dim, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}, "rope_scaling": None,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta},
+        "rope_scaling": scaling,  # transformers 4 reads Llama 3.1's scaling here
         "max_position_embeddings": config.max_seq_len, "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "torch_dtype": dtype_name, "dtype": dtype_name, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,

@@ -1,4 +1,9 @@
-"""Meta's Llama 2 checkpoints: params.json + consolidated.NN.pth, one shard per model-parallel rank."""
+"""Meta's Llama 2 and 3 checkpoints: params.json + consolidated.NN.pth, one shard per model-parallel rank.
+
+Llama 3.1+ write `use_scaled_rope: true` in params.json: Meta's `apply_scaling` with its fixed values
+(factor 8, low_freq_factor 1, high_freq_factor 4, original context 8192), `RopeScaling()` here; Meta's later
+code reads `rope_scaling_factor` and `rope_high_freq_factor` from params.json where they are given.
+"""
 
 import json
 from pathlib import Path
@@ -6,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .model import LlamaConfig
+from .rope import RopeScaling
 from .weights import IGNORED_KEYS, torch_load
 
 # How Meta's model-parallel layers split a weight over shards (fairscale): None = replicated.
@@ -34,23 +40,33 @@ def merge_meta_shards(shards: list[dict]) -> dict:
     return merged
 
 
+def rope_scaling_from_meta(params: dict) -> RopeScaling | None:
+    """Meta's scaled RoPE (`use_scaled_rope`), with the factors its code would use, or None for plain RoPE."""
+    if not params.get("use_scaled_rope"):
+        return None
+    return RopeScaling(factor=float(params.get("rope_scaling_factor") or 8.0),
+                       high_freq_factor=float(params.get("rope_high_freq_factor") or 4.0))
+
+
 def config_from_meta(params: dict, sd: dict, max_seq_len: int | None = None) -> LlamaConfig:
-    """LlamaConfig from params.json; vocab_size -1 and the SwiGLU width are read off the weights."""
-    if params.get("use_scaled_rope"):
-        raise ValueError("params.json asks for scaled RoPE (Llama 3.1+): only plain RoPE (Llama 2) is supported")
+    """LlamaConfig from params.json; vocab_size -1, the SwiGLU width and tying are read off the weights."""
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing or "tok_embeddings.weight" not in sd:
         raise ValueError(f"params.json needs dim, n_layers, n_heads (missing {missing}) and the shards "
                          "tok_embeddings.weight")
     vocab_size = params.get("vocab_size", -1)
     w1 = sd.get("layers.0.feed_forward.w1.weight")
+    scaling = rope_scaling_from_meta(params)
+    theta = float(params.get("rope_theta", 10000.0))
+    # not in params.json: the context each generation was trained to (Llama 2: 4096, 3: 8192, 3.1+: 128k)
+    context = 131072 if scaling else 8192 if theta >= 500000 else 4096
     return LlamaConfig(
         vocab_size=vocab_size if vocab_size > 0 else sd["tok_embeddings.weight"].shape[0],
         dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
         n_kv_heads=params.get("n_kv_heads"), hidden_dim=w1.shape[0] if w1 is not None else None,
         multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-        norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
-        max_seq_len=max_seq_len or 4096,  # not in params.json; Llama 2 was trained on 4096
+        norm_eps=params.get("norm_eps", 1e-5), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=max_seq_len or context, tie_embeddings="output.weight" not in sd,
     )
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from .attention import Attention, KVCache
 from .feedforward import FeedForward, swiglu_hidden_dim
 from .norm import RMSNorm
-from .rope import rope_cos_sin
+from .rope import RopeScaling, rope_cos_sin
 
 
 @dataclass
@@ -30,6 +30,7 @@ class LlamaConfig:
     ffn_dim_multiplier: float | None = None # scales the SwiGLU width before rounding (Llama 2 70B: 1.3)
     norm_eps: float = 1e-5                  # RMSNorm epsilon
     rope_theta: float = 10000.0             # RoPE base (Llama 2: 10000, Llama 3: 500000)
+    rope_scaling: RopeScaling | None = None # Llama 3.1+: the slow RoPE frequencies slowed (None: plain RoPE)
     max_seq_len: int = 2048                 # longest context, in tokens
     dropout: float = 0.0                    # dropout on attention and residual branches
     tie_embeddings: bool = False            # share tok_embeddings and output weights
@@ -40,6 +41,8 @@ class LlamaConfig:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if isinstance(self.rope_scaling, dict):  # as to_dict() wrote it into a checkpoint
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         self.validate()
 
     def validate(self) -> None:
@@ -70,7 +73,11 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """LLaMA-2. model(tokens (B, T) int64, start_pos=0) -> logits (B, T, vocab_size)."""
+    """LLaMA-2. model(tokens (B, T) int64, start_pos=0) -> logits (B, T, vocab_size).
+
+    start_pos is an int, or a (1,) tensor in the compiled decode step (utils/decode.py), whose shapes must not
+    depend on it.
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -85,7 +92,8 @@ class Llama(nn.Module):
         # RoPE tables: plain float32 tensors, not buffers, so model.to(bfloat16) cannot round them (bf16
         # angles at position 4000 would be off by whole radians) and checkpoints hold only learned
         # weights. Meta keeps its freqs_cis the same way; forward moves them to the input's device.
-        self.rope_cos, self.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta, "cpu")
+        self.rope_cos, self.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta, "cpu",
+                                                    scaling=config.rope_scaling)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -100,15 +108,20 @@ class Llama(nn.Module):
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         check_tokens(tokens, start_pos, self.config.max_seq_len)
-        T = tokens.shape[1]
-        self.rope_cos, self.rope_sin = self.rope_cos.to(tokens.device), self.rope_sin.to(tokens.device)
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]  # (T, hd/2)
+        positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        cos, sin = self.rope_at(positions)  # (T, head_dim / 2) each
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos)
         return self.output(self.norm(h)).float()  # (B, T, vocab_size)
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin at positions (T,) -> (T, head_dim / 2) each, the tables moved to their device."""
+        if self.rope_cos.device != positions.device:
+            self.rope_cos, self.rope_sin = self.rope_cos.to(positions.device), self.rope_sin.to(positions.device)
+        return self.rope_cos[positions], self.rope_sin[positions]
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy in nats: tokens, targets (B, T)."""
@@ -176,12 +189,25 @@ def check_config(c: LlamaConfig) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout}")
 
 
-# Named shapes. "llama2-7b" is for counting (6.7B parameters); the small ones train on a CPU.
+# Named shapes. The Llama 2 and 3 ones are for counting (llama2-7b: 6.7B parameters); the small ones train on a CPU.
 PRESETS: dict[str, LlamaConfig] = {
     "llama2-7b": LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
     "llama2-13b": LlamaConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
     "llama2-70b": LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                               ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
+    # Llama 3: 128k vocabulary, 8 K/V heads at every size, theta 500000; 3.1 and 3.2 scale RoPE to a
+    # 128k context (3.2's factor 32 is its Hugging Face config's); 3.2 ties the embeddings
+    "llama3-8b": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+                             ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+                               ffn_dim_multiplier=1.3, rope_theta=500000.0, rope_scaling=RopeScaling(factor=8.0),
+                               max_seq_len=131072),
+    "llama3.2-1b": LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                               ffn_dim_multiplier=1.5, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0),
+                               max_seq_len=131072, tie_embeddings=True),
+    "llama3.2-3b": LlamaConfig(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
+                               ffn_dim_multiplier=1.0, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0),
+                               max_seq_len=131072, tie_embeddings=True),
     "tinyllama-1.1b": LlamaConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                                   hidden_dim=5632, max_seq_len=2048),
     "smoke": LlamaConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -210,14 +236,17 @@ def get_config(name: str, **overrides) -> LlamaConfig:
     return replace(base, **overrides)
 
 
-def check_tokens(tokens: torch.Tensor, start_pos: int, max_seq_len: int) -> None:
-    """Raise ValueError unless tokens is an int (B, T) tensor whose positions fit in max_seq_len."""
+def check_tokens(tokens: torch.Tensor, start_pos: int | torch.Tensor, max_seq_len: int) -> None:
+    """Raise ValueError unless tokens is an int (B, T) tensor whose positions fit in max_seq_len.
+
+    A tensor start_pos (the compiled decode step) is not read here: its caller checks the position.
+    """
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
         got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be an int64 (or int32) tensor of shape (batch, seq_len), got {got}: "
                          "use torch.tensor([ids], dtype=torch.long), or add a batch dimension with tokens[None]")
     end = start_pos + tokens.shape[1]
-    if end > max_seq_len:
+    if not isinstance(start_pos, torch.Tensor) and end > max_seq_len:
         raise ValueError(f"start_pos ({start_pos}) + tokens ({tokens.shape[1]}) = {end} exceeds max_seq_len "
                          f"({max_seq_len}): shorten the input or build the model with a larger max_seq_len")
 

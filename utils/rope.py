@@ -5,7 +5,13 @@ so that q_m . k_n depends only on m - n. Meta pairs *adjacent* dimensions (0,1),
 writes the rotation as complex multiplication; Hugging Face pairs the two *halves* (0, d/2),
 (1, d/2+1), ... ("rotate_half") and stores wq/wk with their rows permuted to match. The model here
 uses Meta's convention; `permute_hf_to_meta` converts HF weights onto it.
+
+Llama 3.1 and later stretch the context 16x after training by slowing down RoPE's slowest rotations
+(`RopeScaling`, `scale_frequencies`): the frequency ladder changes, nothing else does.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -17,9 +23,51 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, device=None) -> torc
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
 
 
-def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None):
-    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2), float32."""
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE scaling. The defaults are Meta's (params.json `use_scaled_rope: true`); Llama 3.2's
+    Hugging Face configs use factor 32."""
+
+    factor: float = 8.0                 # the slowest frequencies are divided by this
+    low_freq_factor: float = 1.0        # wavelengths above original_max_seq_len / low_freq_factor: divided
+    high_freq_factor: float = 4.0       # wavelengths below original_max_seq_len / high_freq_factor: untouched
+    original_max_seq_len: int = 8192    # the context the model was first trained on
+
+    def __post_init__(self):
+        ok = self.factor >= 1 and 0 < self.low_freq_factor < self.high_freq_factor and self.original_max_seq_len > 0
+        if not ok:
+            raise ValueError(f"bad RoPE scaling {self}: need factor >= 1, 0 < low_freq_factor < high_freq_factor "
+                             "and original_max_seq_len > 0 (Meta's: RopeScaling(8.0, 1.0, 4.0, 8192))")
+
+
+def scale_frequencies(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency ladder (Meta's `apply_scaling`): freqs (hd/2,) -> scaled freqs (hd/2,).
+
+    With wavelength λ_i = 2π / ω_i, L = original_max_seq_len, s = factor, α = low_freq_factor,
+    β = high_freq_factor and γ_i = (L / λ_i - α) / (β - α):
+
+        ω'_i = ω_i                          if λ_i < L / β   (fast pairs: untouched)
+        ω'_i = ω_i / s                      if λ_i > L / α   (slow pairs: s times slower)
+        ω'_i = (1 - γ_i) ω_i / s + γ_i ω_i  otherwise        (a straight blend of the two)
+
+    A pair that turns many times within L already met every angle in training and keeps its speed; one
+    that never finished a turn within L would meet angles it never saw past L, so it is slowed s times
+    (position interpolation), which stretches the context s times for those pairs.
+    """
+    s = scaling
+    wavelen = 2 * math.pi / freqs
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * freqs / s.factor + smooth * freqs
+    scaled = torch.where(wavelen > s.original_max_seq_len / s.low_freq_factor, freqs / s.factor, blended)
+    return torch.where(wavelen < s.original_max_seq_len / s.high_freq_factor, freqs, scaled)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None,
+                 scaling: RopeScaling | None = None):
+    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2), float32; scaled as Llama 3.1 if asked."""
     freqs = rope_frequencies(head_dim, theta, device)
+    if scaling is not None:
+        freqs = scale_frequencies(freqs, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), freqs)  # (S, hd/2)
     return angles.cos().float(), angles.sin().float()
 

@@ -17,13 +17,13 @@ import base64
 import hashlib
 import heapq
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import regex
 import tiktoken
-import tiktoken.load
 
 # GPT-4's pre-tokenizer: merges never cross these chunk boundaries (words, numbers, punctuation).
 GPT4_SPLIT_PATTERN = (
@@ -225,6 +225,17 @@ def save_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def read_ranks(path: str | Path) -> dict[bytes, int]:
+    """Ranks from tiktoken's file format (ours, and Meta's Llama 3 tokenizer.model). Read directly:
+    tiktoken.load.load_tiktoken_bpe caches files by their path, so a file rewritten in place would read stale."""
+    ranks = {}
+    for line in Path(path).read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
 # ----------------------------------------------------------------------------- get / load
 
 
@@ -298,7 +309,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return CharTokenizer(meta["chars"])
     if meta["kind"] == "tiktoken":
         return _tiktoken_by_name(meta["name"])
-    ranks = tiktoken.load.load_tiktoken_bpe(str(directory / RANKS_FILE))
+    ranks = read_ranks(directory / RANKS_FILE)
     encoding = tiktoken.Encoding(name=meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks,
                                  special_tokens=meta["special_tokens"])
     return TiktokenTokenizer(meta["name"], encoding, ranks)
@@ -351,6 +362,50 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str | Path) -> None:
         save_pretrained_tokenizer(self, directory)
+
+
+# Meta's Llama 3 tokenizer (llama-models, models/llama3/tokenizer.py): tiktoken ranks in tokenizer.model, this
+# split pattern, and 256 special tokens numbered after the 128,000 ranks (Llama 3.1 and 3.2 names).
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model calls a tool and waits
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+
+
+def is_tiktoken_file(path: Path) -> bool:
+    """Meta's Llama 3 tokenizer.model is text, "base64-token rank" per line; Llama 2's is a SentencePiece protobuf."""
+    with open(path, "rb") as f:
+        head = f.read(64).split(b"\n")[0]
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", head) is not None
+
+
+class Llama3Tokenizer:
+    """Meta's Llama 3 tokenizer: a `tiktoken.Encoding` over tokenizer.model, with Meta's split pattern and special
+    tokens. encode prepends <|begin_of_text|> and reads special tokens written in the text (as Hugging Face's
+    tokenizer.json does, so a rendered chat template encodes to its header ids); decode skips special tokens."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        ranks = read_ranks(self.path)
+        special = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.encoding = tiktoken.Encoding(name=f"llama3:{self.path.name}", pat_str=LLAMA3_SPLIT_PATTERN,
+                                          mergeable_ranks=ranks, special_tokens=special)
+        self.name, self.vocab_size, self.n_words = f"llama3:{self.path}", self.encoding.n_vocab, len(ranks)
+        self.special_tokens = special  # {"<|begin_of_text|>": 128000, ...}
+        self.bos_id, self.eot_id = special["<|begin_of_text|>"], special["<|end_of_text|>"]
+        self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
+        self.eos_ids = {special[t] for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")}  # end a reply
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_id] + self.encoding.encode(text, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode([int(i) for i in ids if int(i) < self.n_words])
 
 
 def eos_token_from_config(directory: Path) -> str | None:

@@ -21,6 +21,7 @@ One module per lesson, in lesson order; a later lesson's checkers import an earl
     lesson_05   the full model, its parameter count, its KV cache in bytes
     lesson_06   cross-entropy, batches, the learning-rate schedule, sampling
     lesson_07   LoRA: the adapted layer, merging it, counting what it trains
+    lesson_08   Llama 3: the scaled RoPE frequency ladder, the chat prompt, the vocabulary's parameters
 
 Besides the checkers, the package re-exports (`name as name`) what the tests replay: each checker's own
 list of mistakes, its hints and inputs.
@@ -59,6 +60,10 @@ from .lesson_05 import check_count_params, check_kv_cache_bytes, check_llama
 from .lesson_06 import _sampling_mistakes as _sampling_mistakes
 from .lesson_06 import check_batch, check_cross_entropy_loss, check_lr_schedule, check_sample_next
 from .lesson_07 import check_lora_linear, check_lora_params, check_merge_lora
+from .lesson_08 import _chat_mistakes as _chat_mistakes
+from .lesson_08 import _scaling_mistakes as _scaling_mistakes
+from .lesson_08 import _vocab_mistakes as _vocab_mistakes
+from .lesson_08 import check_llama3_chat_prompt, check_scale_frequencies, check_vocab_params
 
 __all__ = [
     "NotAttempted", "run_check",
@@ -69,4 +74,5 @@ __all__ = [
     "check_llama", "check_count_params", "check_kv_cache_bytes",
     "check_cross_entropy_loss", "check_batch", "check_lr_schedule", "check_sample_next",
     "check_lora_linear", "check_merge_lora", "check_lora_params",
+    "check_scale_frequencies", "check_llama3_chat_prompt", "check_vocab_params",
 ]

@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from ..attention import Attention, KVCache, causal_mask
+from ..attention import Attention, KVCache, attention, causal_mask
 from ..rope import apply_rotary_emb, rope_cos_sin
 from .checking import NotAttempted, _call, _close, _compare, _describe, _module, _name, _seeded
 from .lesson_02 import _attention, check_attention
@@ -99,7 +99,7 @@ CACHED_ATTENTION_HINT = (
 def _cached_attention(m: Attention, x, cos, sin, mask="bottom-right", cache=True) -> list:
     """Textbook GQA with the weights of m, x (B, S, dim) fed in CACHED_CHUNKS through a growing store of
     rotated keys/values, with knobs for the usual mistakes: the output (B, T, dim) of each chunk."""
-    B, hd, n_rep = x.shape[0], m.head_dim, m.n_heads // m.n_kv_heads
+    B, hd = x.shape[0], m.head_dim
     keys = values = x.new_zeros(B, m.n_kv_heads, 0, hd)
     outputs = []
     for start, T in CACHED_CHUNKS:
@@ -111,8 +111,7 @@ def _cached_attention(m: Attention, x, cos, sin, mask="bottom-right", cache=True
         S = kk.shape[2]
         allowed = {"bottom-right": causal_mask(T, S), "top-left": torch.ones(T, S, dtype=torch.bool).tril(),
                    "none": torch.ones(T, S, dtype=torch.bool)}[mask]
-        scores = q @ kk.repeat_interleave(n_rep, 1).transpose(-2, -1) * hd ** -0.5  # (B, H, T, S)
-        y = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv.repeat_interleave(n_rep, 1)
+        y = attention(q, kk, vv, allowed)  # (B, H, T, hd): the one reference, utils.attention.attention
         outputs.append(m.wo(y.transpose(1, 2).reshape(B, T, -1)))
     return outputs
 
