@@ -19,6 +19,10 @@ Training your own (06):
     runs         the run folder: ckpt.pt, metrics.json, one process per folder, what a resume may change, Ctrl-C
     distributed  several GPUs, one run (DDP under torchrun): join, agree, gather, leave
 
+Finetuning a trained model (07):
+    finetune     `train --init-from PATH`: the checkpoint's shape and tokenizer, the defaults of a finetune
+    lora         LoRALinear (W x + alpha/r B(A x)), apply_lora, merge_lora, counting what it trains
+
 Weights in and out (05, 06):
     checkpoints  `load_model` for our run folder, and `load_pretrained` for every format below
     weights      a state dict in Meta's names -> a checked `Llama`

@@ -160,12 +160,15 @@ def resume_command(out_dir: str) -> str:
 
 def run_train(args) -> int:
     from .checkpoints import load_model
+    from .finetune import finetune_config
     from .generate import generate
     from .runs import CKPT_FILE, finished_run
     from .train import TrainConfig, train
 
     given = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}  # the flags typed
     cfg = TrainConfig(**{name: getattr(args, name) for name in given})
+    if not args.resume:  # --init-from: shape and tokenizer from the checkpoint, the defaults of a finetune
+        cfg = finetune_config(cfg, given)
     done = None if args.resume or args.overwrite else finished_run(cfg)
     if done is not None:  # the same command again: the one-liner goes on to `generate`
         if int(os.environ.get("RANK", 0)) == 0:

@@ -212,10 +212,15 @@ def run_chat(args) -> int:
     generate_instead = f"use `python -m utils generate --checkpoint {args.checkpoint} --prompt ...` instead"
     try:
         checkpoint = resolve(args.checkpoint)  # the format, found once (a hub id: downloaded)
-        if checkpoint.fmt == "ours":
-            raise ValueError(f"{args.checkpoint} is a model trained here, which has no chat template: "
-                             f"{generate_instead}")
-        tokenizer = load_pretrained_tokenizer(checkpoint)
+        if checkpoint.fmt == "ours":  # a run finetuned from a chat model chats: its tokenizer keeps the template
+            from .tokenizer import load_tokenizer
+            path = checkpoint.path
+            tokenizer = load_tokenizer(path if path.is_dir() else path.parent)
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"{args.checkpoint} is a model trained here from scratch, which has no chat template: "
+                                 f"{generate_instead}")
+        else:
+            tokenizer = load_pretrained_tokenizer(checkpoint)
         if tokenizer is None:
             raise FileNotFoundError(f"{args.checkpoint} ships no tokenizer: a chat needs one and its chat template")
         template, special = load_chat_template(checkpoint, tokenizer)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 from .gguf import load_gguf, load_gguf_tokenizer
 from .hf import HF_WEIGHT_FILES, download_hub, load_hf
 from .llama2c import load_llama2c_bin, load_llama2c_pt
+from .lora import merge_lora_state_dict
 from .meta import load_meta
 from .model import Llama, LlamaConfig
 from .runs import CKPT_FILE
@@ -50,7 +51,10 @@ def load_ours(path: Path, max_seq_len: int | None = None) -> tuple[LlamaConfig, 
     known = {f.name for f in fields(LlamaConfig)}
     config = LlamaConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     config.dropout = 0.0  # loaded for inference
-    return with_max_seq_len(config, max_seq_len), strip_prefix(ckpt["model"])
+    sd = strip_prefix(ckpt["model"])
+    if ckpt.get("lora"):  # a LoRA run keeps W, A and B apart (exact resume): the model is W + (alpha / r) B A
+        sd = merge_lora_state_dict(sd, ckpt["lora"]["rank"], ckpt["lora"]["alpha"])
+    return with_max_seq_len(config, max_seq_len), sd
 
 
 # ---- telling formats apart -----------------------------------------------------------------------------

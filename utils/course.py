@@ -15,6 +15,7 @@ LESSONS = {  # notebook -> what it teaches, in one line
     "04_swiglu": "SwiGLU and RMSNorm, the rest of a LLaMA block, measured against ReLU, GELU and LayerNorm",
     "05_full_model": "the full model assembled and counted, a real pretrained LLM running in it, what each part buys",
     "06_train_generate": "train your own on a dataset you choose, then sample, resume, export and experiment",
+    "07_finetune": "finetune a real pretrained model on your data, fully or with LoRA, against training from scratch",
     "08_llama3": "Llama 3 in the same code: the 128k vocabulary, GQA everywhere, RoPE scaling, the chat format",
 }
 

@@ -249,16 +249,24 @@ class TokenData:
     val_chars: int
 
 
-def prepare_data(source: str = "tinyshakespeare", tokenizer: str = "char", *, data_dir: str | Path | None = None,
-                 val_fraction: float = 0.1, **source_kwargs) -> TokenData:
-    """Load, split (text first), train the tokenizer on train only, encode; ids cached on disk."""
+def prepare_data(source: str = "tinyshakespeare", tokenizer: str | Tokenizer = "char", *,
+                 data_dir: str | Path | None = None, val_fraction: float = 0.1, **source_kwargs) -> TokenData:
+    """Load, split (text first), train the tokenizer on train only, encode; ids cached on disk.
+
+    `tokenizer` is a name (trained or fetched here) or a ready tokenizer, e.g. a pretrained model's own.
+    """
     data_dir = resolve_data_dir(data_dir)
     text = load_text(source, data_dir=data_dir, **source_kwargs)
     train_text, val_text = split_train_val(text, val_fraction)
-    tok = get_tokenizer(tokenizer, train_text=train_text, cache_dir=data_dir / "tokenizers")
+    if isinstance(tokenizer, str):
+        tok = get_tokenizer(tokenizer, train_text=train_text, cache_dir=data_dir / "tokenizers")
+        name = tokenizer
+    else:  # a ready tokenizer: its name and its ids of a probe identify it in the cache key
+        tok, name = tokenizer, tokenizer.name
+        tokenizer = json.dumps([name, tok.vocab_size, tok.encode(text[:2000])])
     key = json.dumps([source, sorted(source_kwargs.items()), tokenizer, val_fraction])
     digest = hashlib.sha256(key.encode() + text.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
-    cache = data_dir / "tokens" / f"{_slug(source)}-{_slug(tokenizer)}-{digest}"
+    cache = data_dir / "tokens" / f"{_slug(source)}-{_slug(name)}-{digest}"
     if not (cache / "val.npy").exists():
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
         arrays = {"train": np.array(tok.encode(train_text), dtype=dtype),

@@ -296,6 +296,11 @@ class GGUFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def save(self, directory) -> None:
+        """Into a run folder (finetuning): `utils.tokenizer.load_tokenizer(directory)` gives it back."""
+        from .tokenizer import save_pretrained_tokenizer
+        save_pretrained_tokenizer(self, directory)
+
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str):
     """GPT-2-style BPE (SmolLM2, Llama 3): bytes spelled as printable characters, merges learned on chunks."""

@@ -303,6 +303,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if path is None:
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}: save one with tokenizer.save(directory)")
     meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta["kind"] in ("tokenizers", "sentencepiece"):
+        return _load_pretrained(directory, meta)
     if meta["kind"] == "char":
         return CharTokenizer(meta["chars"])
     if meta["kind"] == "tiktoken":
@@ -335,6 +337,9 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def save(self, directory: str | Path) -> None:
+        save_pretrained_tokenizer(self, directory)
+
 
 class SentencePieceTokenizer:
     """A `tokenizer.model` (Meta's Llama 2 tokenizer) through `sentencepiece`. encode prepends BOS."""
@@ -354,6 +359,9 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         # the model's vocabulary may be padded past the tokenizer's: skip ids it has no piece for
         return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def save(self, directory: str | Path) -> None:
+        save_pretrained_tokenizer(self, directory)
 
 
 # Meta's Llama 3 tokenizer (llama-models, models/llama3/tokenizer.py): tiktoken ranks in tokenizer.model, this
@@ -405,3 +413,40 @@ def eos_token_from_config(directory: Path) -> str | None:
     f = directory / "tokenizer_config.json"
     eos = json.loads(f.read_text()).get("eos_token") if f.exists() else None
     return eos.get("content") if isinstance(eos, dict) else eos
+
+
+# ----------------------------------------------------------------------------- a pretrained tokenizer in a run folder
+
+PRETRAINED_FILES = {"tokenizers": "pretrained_tokenizer.json", "sentencepiece": "tokenizer.model"}
+SPECIAL_FIELDS = ("bos_id", "eot_id", "eos_ids", "chat_template", "bos_token", "eos_token")
+
+
+def save_pretrained_tokenizer(tok, directory: str | Path) -> None:
+    """A pretrained model's tokenizer (HF, GGUF or SentencePiece) into a run folder, with its special ids and
+    chat template, so that `load_tokenizer(directory)` gives back one that encodes, decodes and chats the same."""
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    kind = "sentencepiece" if hasattr(tok, "sp") else "tokenizers"
+    path = directory / PRETRAINED_FILES[kind]
+    if kind == "sentencepiece":
+        if Path(tok.path).resolve() != path.resolve():
+            shutil.copyfile(tok.path, path)
+    else:
+        tok.tokenizer.save(str(path))  # the whole pipeline: vocabulary, merges, special tokens, BOS template
+    special = {k: getattr(tok, k, None) for k in SPECIAL_FIELDS}
+    special["eos_ids"] = sorted(special["eos_ids"]) if special["eos_ids"] else None
+    meta = {"kind": kind, "name": tok.name, "vocab_size": tok.vocab_size, **special}
+    (directory / TOKENIZER_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def _load_pretrained(directory: Path, meta: dict) -> HFTokenizer | SentencePieceTokenizer:
+    """What `save_pretrained_tokenizer` wrote: the same name, special ids and chat template as the original."""
+    path = directory / PRETRAINED_FILES[meta["kind"]]
+    tok = HFTokenizer(path) if meta["kind"] == "tokenizers" else SentencePieceTokenizer(path)
+    tok.name = meta["name"]
+    for k in SPECIAL_FIELDS:
+        if meta.get(k) is not None or k in ("chat_template", "bos_token", "eos_token"):
+            setattr(tok, k, set(meta[k]) if k == "eos_ids" else meta.get(k))
+    return tok

@@ -37,6 +37,8 @@ from .distributed import (
     wrap_ddp,
 )
 from .files import atomic_write
+from .finetune import finetune_config, load_init
+from .lora import apply_lora, check_targets, trainable_params
 from .model import Llama, LlamaConfig, get_config
 from .runs import (
     CKPT_FILE,
@@ -49,6 +51,7 @@ from .runs import (
     remove_created,
     resume_config,
 )
+from .tokenizer import load_tokenizer
 
 
 def arg(default, help: str):
@@ -68,7 +71,15 @@ class TrainConfig:
                        "[:split]], an http(s) URL, or a local .txt/.md/.jsonl/.json/.csv/.parquet file or folder "
                        "of .txt files")
     tokenizer: str = arg("bpe:1024", "char, bpe:<vocab_size> (trained on the training split), or a tiktoken "
-                         "encoding (gpt2, cl100k_base, o200k_base)")
+                         "encoding (gpt2, cl100k_base, o200k_base); with --init-from, the checkpoint's own")
+    # finetuning (utils/finetune.py): start from a trained model, all its weights trained or LoRA adapters only
+    init_from: str | None = arg(None, "finetune this checkpoint instead of training from random weights: a run "
+                                "folder, an HF folder or hub id, Meta, llama2.c or a .gguf file; its shape and "
+                                "tokenizer come with it")
+    lora_rank: int | None = arg(None, "with --init-from: train only LoRA adapters of this rank (utils/lora.py), "
+                                "the model itself stays frozen")
+    lora_alpha: float | None = arg(None, "LoRA's scale: the update is (alpha / rank) B A (default: 2 * rank)")
+    lora_targets: str = arg("wq,wk,wv,wo", "the projections LoRA adapts, from wq,wk,wv,wo,w1,w2,w3")
     # model: a preset, then overrides (None keeps the preset's value)
     preset: str = arg("tiny", "model shape to start from (utils.model.PRESETS): smoke, tiny, small, ...")
     dim: int | None = model_arg("width of the residual stream (overrides the preset)")
@@ -78,18 +89,19 @@ class TrainConfig:
     init_std: float | None = model_arg("std of the normal initial weights (overrides the preset; tiny: 0.04)")
     dropout: float = arg(0.0, "dropout probability on attention and residual branches")
     tie_embeddings: bool = arg(False, "share one matrix between the token embedding and the output layer")
-    max_seq_len: int = arg(128, "context length in tokens: the training windows and the model's max_seq_len")
+    max_seq_len: int = arg(128, "context length in tokens: the training windows and the model's max_seq_len (with "
+                           "--init-from: the checkpoint's, at most 1024; this may shorten it)")
     # optimisation
     batch_size: int = arg(32, "sequences per micro-batch")
     grad_accum: int = arg(1, "micro-batches accumulated per optimizer step")
     max_steps: int = arg(750, "stop after this many optimizer steps (the cosine schedule ends here)")
     max_seconds: float | None = arg(None, "stop after this many seconds of training, whichever comes first; "
                                     "the schedule then follows the clock")
-    lr: float = arg(4e-3, "peak learning rate")
+    lr: float = arg(4e-3, "peak learning rate (with --init-from, unless given: 1e-4, with LoRA 2e-3)")
     min_lr_ratio: float = arg(0.0, "the cosine schedule decays to lr * min_lr_ratio")
-    warmup_steps: int = arg(50, "steps of linear warmup")
+    warmup_steps: int = arg(50, "steps of linear warmup (with --init-from, unless given: 0)")
     weight_decay: float = arg(1.0, "AdamW weight decay (matrices only); strong, since 1M parameters memorise "
-                              "1 MB of text (benchmarks/train_shakespeare.md)")
+                              "1 MB of text (benchmarks/train_shakespeare.md); with --init-from, unless given: 0")
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")
     grad_clip: float = arg(1.0, "clip the gradient norm to this value")
@@ -109,7 +121,7 @@ class TrainConfig:
         """Raise ValueError, saying what to change, for settings no run can use."""
         positive = ("max_seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_windows")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # max_seq_len None: the checkpoint's
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
@@ -117,6 +129,10 @@ class TrainConfig:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
+        if self.lora_rank is not None:
+            check_targets(self.lora_targets)
+            if self.lora_alpha is not None and self.lora_alpha <= 0:
+                raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
 
     def model_config(self, vocab_size: int) -> LlamaConfig:
         overrides = {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
@@ -204,6 +220,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, callback=None,
                  overwrite: bool = False, given: set[str] | None = None):
+        cfg = cfg if resume else finetune_config(cfg, given)  # a resumed run's settings come from its checkpoint
         cfg.validate()
         self.out, self.callback, self.stop_signal = Path(cfg.out_dir), callback, None
         self.overwriting, self.saved_step = overwrite, None  # saved_step: of this run's latest checkpoint
@@ -226,15 +243,14 @@ class Trainer:
         self.dtype = pick_dtype(cfg.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on each step's fresh activations: 8-14% faster
-        self.data = data or prepare_data(cfg.dataset, cfg.tokenizer)
-        config = cfg.model_config(self.data.tokenizer.vocab_size)
-        check_enough_tokens(len(self.data.train), config.max_seq_len, "training")
-        self.eval_starts = val_windows(len(self.data.val), config.max_seq_len, cfg.eval_windows)
-        torch.manual_seed(cfg.seed + self.rank)
-        self.model = Llama(config).to(self.device)
+        self.data, model = self._data_and_model(cfg, data, ckpt)
+        check_enough_tokens(len(self.data.train), model.config.max_seq_len, "training")
+        self.eval_starts = val_windows(len(self.data.val), model.config.max_seq_len, cfg.eval_windows)
+        self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
+        self.init_eval = ckpt.get("init_eval") if ckpt is not None else None  # the loss before step 0
         if ckpt is not None:
             self.restore(ckpt)
             self._check_not_finished()
@@ -242,6 +258,30 @@ class Trainer:
         self.net = self._wrap(self.model)
         use_amp = self.dtype != torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if use_amp else nullcontext()
+
+    def _data_and_model(self, cfg: TrainConfig, data: TokenData | None, ckpt: dict | None) -> tuple[TokenData, Llama]:
+        """The data and the model: from scratch, from --init-from, or (resuming a finetune) the checkpoint's shape.
+
+        A finetune tokenizes the data with the checkpoint's tokenizer; resuming, the run folder holds both the
+        weights and the tokenizer, so the --init-from checkpoint is not read again (it may have moved).
+        """
+        if not cfg.init_from:
+            data = data or prepare_data(cfg.dataset, cfg.tokenizer)
+            torch.manual_seed(cfg.seed + self.rank)
+            return data, Llama(cfg.model_config(data.tokenizer.vocab_size))
+        if ckpt is None:
+            model, tok = load_init(cfg.init_from, cfg.max_seq_len)
+            cfg.max_seq_len = model.config.max_seq_len  # None: the checkpoint's context (at most 1024)
+        else:
+            model, tok = Llama(LlamaConfig(**ckpt["config"])), load_tokenizer(self.out)
+        if data is not None and data.tokenizer.name != tok.name:
+            raise ValueError(f"the data was tokenized with {data.tokenizer.name} but {cfg.init_from} uses {tok.name}: "
+                             "pass data=None (or prepare_data(dataset, tokenizer) with the checkpoint's tokenizer)")
+        data = data or prepare_data(cfg.dataset, tok)
+        torch.manual_seed(cfg.seed + self.rank)
+        if cfg.lora_rank:
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        return data, model
 
     def _wrap(self, model: Llama) -> torch.nn.Module:
         """What the training step calls: the model, compiled and/or wrapped for DDP if asked."""
@@ -265,6 +305,10 @@ class Trainer:
         try:
             with self.lock or nullcontext(), StopSignals(announce=self.rank == 0) as signals:
                 self.announce()
+                if self.step == 0 and self.init_eval is None:  # where the run starts, on the windows of the last
+                    self.init_eval = self.evaluate(full=True)
+                    self.say(f"before training: val loss {self.init_eval['val_loss']:.3f} nats/token, "
+                             f"{self.init_eval['val_loss_per_char']:.3f} nats/char")
                 self._loop(signals)
                 return self.finish()
         finally:
@@ -392,7 +436,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
             "seconds": self.seconds, "history": self.history, "tokenizer": self.data.tokenizer.name,
-            "dataset": self.data.source, "rng": rng,
+            "dataset": self.data.source, "rng": rng, "init_eval": self.init_eval, "lora": self.lora_settings(),
         }, self.out / CKPT_FILE)
         if self.overwriting:  # the old run is gone now: so are its numbers
             (self.out / METRICS_FILE).unlink(missing_ok=True)
@@ -400,10 +444,15 @@ class Trainer:
         self.saved_step = self.step
         self.data.tokenizer.save(self.out)
 
+    def lora_settings(self) -> dict | None:
+        """What `load_ours` needs to merge a LoRA run's adapters (W, A, B are saved apart, for an exact resume)."""
+        cfg = self.cfg
+        return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} if cfg.lora_rank else None
+
     def restore(self, ckpt: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, counters, history and RNG states."""
         tok = self.data.tokenizer
-        if ckpt["tokenizer"] != tok.name or ckpt["config"]["vocab_size"] != tok.vocab_size:
+        if ckpt["tokenizer"] != tok.name or ckpt["config"]["vocab_size"] < tok.vocab_size:
             raise ValueError(f"checkpoint was trained with tokenizer {ckpt['tokenizer']} "
                              f"({ckpt['config']['vocab_size']} ids) but the data gives {tok.name} ({tok.vocab_size} "
                              "ids): resume with the same --tokenizer and --dataset")
@@ -446,7 +495,10 @@ class Trainer:
             "steps": self.step, "tokens_seen": self.tokens_seen, "wall_seconds": round(self.seconds, 3),
             "tokens_per_second": self.tokens_seen / max(self.seconds, 1e-9), **final,
             "world_size": self.world, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-            "params": self.model.num_params(), "dataset": self.data.source, "tokenizer": self.data.tokenizer.name,
+            "init_val_loss": (self.init_eval or {}).get("val_loss"),
+            "init_val_loss_per_char": (self.init_eval or {}).get("val_loss_per_char"),
+            "params": self.model.num_params(), "trainable_params": trainable_params(self.model),
+            "dataset": self.data.source, "tokenizer": self.data.tokenizer.name,
             "interrupted": stopped, "stop_signal": signal.Signals(self.stop_signal).name if stopped else None,
             "train_config": asdict(self.cfg), "history": self.history,
         }
@@ -486,8 +538,13 @@ class Trainer:
         limit = f" or {cfg.max_seconds:g} s, whichever comes first" if cfg.max_seconds else ""
         self.say(f"device {self.device}, {str(self.dtype).removeprefix('torch.')}: "
                  f"{dtype_reason(cfg.dtype, self.device, self.dtype)}")
-        self.say(f"model {cfg.preset}: {n:,} parameters, context {self.model.config.max_seq_len}; "
+        model = f"{cfg.init_from} (finetuned)" if cfg.init_from else cfg.preset
+        self.say(f"model {model}: {n:,} parameters, context {self.model.config.max_seq_len}; "
                  f"tokenizer {tok.name}: {tok.vocab_size:,} ids")
+        if cfg.lora_rank:
+            trained = trainable_params(self.model)
+            self.say(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {cfg.lora_targets}: {trained:,} "
+                     f"trainable parameters ({trained / n:.2%}); the rest is frozen")
         self.say(f"data {d.source}: {len(d.train):,} training tokens ({len(d.train) / n:.2g} per parameter), "
                  f"{len(d.val):,} validation tokens")
         self.say(f"steps {self.step} to {cfg.max_steps}{limit}, {self.tokens_per_step:,} tokens each "

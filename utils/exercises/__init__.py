@@ -20,6 +20,7 @@ One module per lesson, in lesson order; a later lesson's checkers import an earl
     lesson_04   SwiGLU's hidden size, the feed-forward, RMSNorm, the block
     lesson_05   the full model, its parameter count, its KV cache in bytes
     lesson_06   cross-entropy, batches, the learning-rate schedule, sampling
+    lesson_07   LoRA: the adapted layer, merging it, counting what it trains
     lesson_08   Llama 3: the scaled RoPE frequency ladder, the chat prompt, the vocabulary's parameters
 
 Besides the checkers, the package re-exports (`name as name`) what the tests replay: each checker's own
@@ -58,6 +59,7 @@ from .lesson_05 import _llama_mistakes as _llama_mistakes
 from .lesson_05 import check_count_params, check_kv_cache_bytes, check_llama
 from .lesson_06 import _sampling_mistakes as _sampling_mistakes
 from .lesson_06 import check_batch, check_cross_entropy_loss, check_lr_schedule, check_sample_next
+from .lesson_07 import check_lora_linear, check_lora_params, check_merge_lora
 from .lesson_08 import _chat_mistakes as _chat_mistakes
 from .lesson_08 import _scaling_mistakes as _scaling_mistakes
 from .lesson_08 import _vocab_mistakes as _vocab_mistakes
@@ -71,5 +73,6 @@ __all__ = [
     "check_feed_forward", "check_swiglu_hidden_dim", "check_rmsnorm", "check_block",
     "check_llama", "check_count_params", "check_kv_cache_bytes",
     "check_cross_entropy_loss", "check_batch", "check_lr_schedule", "check_sample_next",
+    "check_lora_linear", "check_merge_lora", "check_lora_params",
     "check_scale_frequencies", "check_llama3_chat_prompt", "check_vocab_params",
 ]
