@@ -342,3 +342,36 @@ def test_sentencepiece_that_normalizes_text_is_refused(tmp_path, corpus):
     (folder / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
     r = cli("--checkpoint", folder, "--format", "gguf", "--out", tmp_path / "m.gguf")
     assert r.returncode == 2 and "normalizes text" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- Llama 3.1's scaled RoPE ----------------------------------------------------------------------------------
+
+def test_rope_scaling_is_written_as_llama_cpp_reads_it(runs, tmp_path):
+    """A scaled model's rope_freqs.weight: our reader gets the same scaling back, llama.cpp the same logits."""
+    from dataclasses import replace
+
+    from utils.rope import RopeScaling
+
+    tok, base = load_tokenizer(runs["bpe:512"]), load_pretrained(runs["bpe:512"])
+    scaling = RopeScaling()  # Meta's: factor 8, low 1, high 4, original context 8192
+    torch.manual_seed(0)  # random weights of a large std: sharp attention, so positions matter
+    config = replace(base.config, max_seq_len=1024, rope_theta=500000.0, rope_scaling=scaling, init_std=0.3)
+    model = Llama(config).eval()
+    plain = Llama(replace(config, rope_scaling=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    path = tmp_path / "scaled.gguf"
+    export_gguf(model, tok, path)
+    back = load_pretrained(path)
+    assert back.config.rope_scaling == scaling
+    ids = (tok.encode(" ".join(TEXTS)) * 64)[:1024]  # far enough for the slow, scaled pairs to turn
+    ours = our_logits(model, ids)
+    assert np.abs(our_logits(back, ids) - ours).max() < 1e-5
+    assert np.abs(our_logits(plain, ids) - ours).max() > 1e-2, "the scaling must matter for this check to mean anything"
+    if HAS_LLAMA_CPP:
+        llm = llama_cpp_model(path, n_ctx=1024)
+        try:
+            err = np.abs(llama_cpp_logits(llm, ids) - ours).max()
+        finally:
+            llm.close()
+        print(f"scaled RoPE: max |logit difference| llama.cpp vs ours {err:.1e}")
+        assert err < LOGIT_TOLERANCE

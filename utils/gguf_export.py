@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write
-from .gguf import CONTROL, GGUF_LAYER_NAMES, GGUF_TOP_NAMES, NORMAL, UNUSED, USER_DEFINED, metadata, read_gguf
+from .gguf import (
+    CONTROL,
+    GGUF_LAYER_NAMES,
+    GGUF_TOP_NAMES,
+    NORMAL,
+    UNUSED,
+    USER_DEFINED,
+    metadata,
+    read_gguf,
+    rope_freqs,
+)
 from .model import Llama, LlamaConfig, count_params
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # --dtype choices: the 2-D weights' storage
@@ -80,14 +90,6 @@ def add_config(writer, config: LlamaConfig, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def check_exportable(config: LlamaConfig) -> None:
-    """Refuse, in one line, a model llama.cpp's 'llama' architecture would run differently."""
-    scaling = getattr(config, "rope_scaling", None)  # Llama 3.1's rope scaling, where the config has it
-    if scaling:
-        raise ValueError(f"this model uses RoPE scaling {scaling!r}, which the GGUF export does not write yet: "
-                         "export a model with plain RoPE")
-
-
 # ---- the whole file -------------------------------------------------------------------------------------
 
 def export_gguf(model: Llama, tokenizer, path: str | Path, dtype: str = "f32", name: str = "llama") -> dict:
@@ -99,7 +101,6 @@ def export_gguf(model: Llama, tokenizer, path: str | Path, dtype: str = "f32", n
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}: use one of {', '.join(GGUF_DTYPES)}")
     gguf, config = _gguf(), model.config
-    check_exportable(config)
     fields, kind = tokenizer_fields(tokenizer, config.vocab_size)  # refuses before the slow part
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,10 @@ def export_gguf(model: Llama, tokenizer, path: str | Path, dtype: str = "f32", n
             data, qtype = gguf_tensor(w, dtype)
             writer.add_tensor(gguf_tensor_name(key), data, raw_dtype=qtype)
             types[qtype.name] = types.get(qtype.name, 0) + 1
+        divisors = rope_freqs(config)  # Llama 3.1 scaled RoPE: plain / scaled frequency of each pair
+        if divisors is not None:
+            writer.add_tensor("rope_freqs.weight", divisors.numpy())
+            types["F32"] = types.get("F32", 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
