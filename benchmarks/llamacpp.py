@@ -18,14 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoints import load_pretrained, load_pretrained_tokenizer  # noqa: E402
 from utils.generate import generate  # noqa: E402
-from utils.gguf_export import export_gguf  # noqa: E402
+from utils.gguf_export import export_gguf, llama_cpp_greedy  # noqa: E402
 
 PROMPT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -61,13 +60,7 @@ def llama_cpp(path: Path, ids: list[int], n: int, threads: int):
                           logits_all=True, verbose=False)
 
     def run():
-        llm.reset()
-        llm.eval(ids)
-        out = []
-        for _ in range(n):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval(out[-1:])
-        return out
+        return llama_cpp_greedy(llm, ids, n)
 
     _, warm = timed(run)
     tokens, seconds = timed(run)

@@ -25,7 +25,7 @@ import torch
 from utils.__main__ import main
 from utils.checkpoints import load_pretrained, load_pretrained_tokenizer
 from utils.generate import generate
-from utils.gguf_export import export_gguf, tokenizer_fields
+from utils.gguf_export import export_gguf, llama_cpp_greedy, tokenizer_fields
 from utils.hf import save_hf
 from utils.model import Llama, LlamaConfig
 from utils.tokenizer import TiktokenTokenizer, load_tokenizer
@@ -78,17 +78,6 @@ def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
 def our_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids]))[0].float().numpy()
-
-
-def llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens, one eval per token as llama.cpp decodes."""
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval(out[-1:])
-    return out
 
 
 def llama_cpp_crashes_on(path) -> str | None:

@@ -134,6 +134,17 @@ def export_gguf(model: Llama, tokenizer, path: str | Path, dtype: str = "f32", n
             "bytes": path.stat().st_size}
 
 
+def llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens from a llama_cpp.Llama made with logits_all=True: one eval per token, as ours decodes."""
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(llm.scores[llm.n_tokens - 1].argmax()))  # llm.scores: numpy, (n_ctx, vocab)
+        llm.eval(out[-1:])
+    return out
+
+
 # ---- the tokenizer --------------------------------------------------------------------------------------
 #
 # llama.cpp's byte-level BPE ("gpt2" model) cuts text into chunks with the pre-tokenizer named by
