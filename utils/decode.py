@@ -11,7 +11,8 @@ Nothing depends on the step any more, so:
 - on a GPU, torch.compile(mode="reduce-overhead") records the step once as a CUDA graph and
   replays it: one launch per token instead of hundreds;
 - on a CPU, torch.compile with "freezing" fuses the small ops and packs each weight for the
-  MKL/oneDNN matrix-vector kernels, which read it faster than the plain matmul does.
+  MKL/oneDNN matrix-vector kernels, which read it faster than the plain matmul does; an int8 model's
+  multiply-by-int8-then-scale (utils/quantize.py) becomes torch's int8 kernel there.
 
 This file holds only that machinery: a `Decoder` owns the compiled step and the fixed-size caches it
 reads. `generate(..., compile=True)` and `--compile` on the CLI use it.
@@ -66,7 +67,7 @@ class Decoder:
         it kept (0 when there were no caches to keep). Positions past the current one are masked, so old keys
         there are never read."""
         length = cache_length(needed, model.config.max_seq_len)
-        w = model.output.weight
+        w = model.tok_embeddings.weight  # the activations' dtype, which the caches hold
         old = self.caches
         fits = bool(old) and old[0].k.shape[0] == batch_size and old[0].k.dtype == w.dtype
         if not fits or old[0].max_seq_len != length:
