@@ -173,20 +173,22 @@ def hf_folder(path, dim=32, hidden_dim=64):
     return path
 
 
-def test_generate_quantize_int8_prints_what_the_quantized_model_generates(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", [(), pytest.param(("--compile",), marks=needs_compile)])
+def test_generate_quantize_int8_prints_what_the_quantized_model_generates(tmp_path, capsys, monkeypatch, extra):
+    """With --compile too (one compile of a 1-layer model, a few seconds)."""
     import utils.quantize
 
     quantized, real = [], utils.quantize.quantize_int8
     monkeypatch.setattr(utils.quantize, "quantize_int8", lambda *a: quantized.append(real(*a)) or quantized[-1])
     folder = hf_folder(tmp_path)
     assert main(["generate", "--checkpoint", str(folder), "--prompt", "hello there", "--temperature", "0",
-                 "--max-new-tokens", "6", "--quantize", "int8"]) == 0
+                 "--max-new-tokens", "6", "--quantize", "int8", *extra]) == 0
     printed = capsys.readouterr().out
     model = quantized[0]
     assert isinstance(model.output, Int8Linear) and model.tok_embeddings.weight.dtype == torch.bfloat16
     tok = load_pretrained_tokenizer(folder)
     ids = tok.encode("hello there")
-    new = generate(model, torch.tensor([ids]), 6, temperature=0)[0, len(ids):].tolist()
+    new = generate(model, torch.tensor([ids]), 6, temperature=0, compile=bool(extra))[0, len(ids):].tolist()
     new = new[:new.index(tok.eot_id)] if tok.eot_id in new else new
     assert printed.rstrip("\n") == "hello there" + tok.decode(ids + new)[len(tok.decode(ids)):]
 
