@@ -9,6 +9,7 @@ The model, in lesson order:
     model        LlamaConfig, TransformerBlock, Llama; presets (Llama 2 and 3.x) and parameter counts (05, 08)
     generate     greedy, temperature, top-k, top-p sampling, with or without the cache (03, 06)
     decode       speed: the decode step with fixed shapes, compiled (generate(..., compile=True), --compile)
+    quantize     speed: int8 weights, one scale per output channel, torch's int8 kernel (--quantize int8)
 
 Training your own (06):
     tokenizer    char, a byte-level BPE trained on your text, tiktoken's encodings; tokenizers of other checkpoints,

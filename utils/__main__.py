@@ -62,7 +62,11 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, temperature: float, top_p:
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps" + default)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32)")
+                   help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32); with "
+                        "--quantize, the activations' (default: bfloat16)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: the weight matrices stored as int8, one scale per output channel, read by torch's int8 "
+                        "kernel (utils/quantize.py): half the bytes of bf16 per token")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; CUDA graphs on a GPU): the first tokens wait for the "
                         "compiler, seconds to minutes; every token after is faster (benchmarks/RESULTS.md)")
@@ -200,13 +204,17 @@ def run_train(args) -> int:
     return 0
 
 
-def load_for_generation(path: str, device: torch.device, dtype: str | None = None):
-    """(model, tokenizer) from our training folder or any format `load_pretrained` reads."""
+def load_for_generation(path: str, device: torch.device, dtype: str | None = None, quantize: str | None = None):
+    """(model, tokenizer) from our training folder or any format `load_pretrained` reads; quantize="int8":
+    its matrices as int8 (utils/quantize.py), activations in dtype (default bfloat16)."""
     from .checkpoints import load_pretrained, load_pretrained_tokenizer, resolve
     from .tokenizer import load_tokenizer
 
     checkpoint = resolve(path)  # the format, found once
-    model = load_pretrained(checkpoint, device=device, dtype=dtype)
+    model = load_pretrained(checkpoint, device=device, dtype=None if quantize else dtype)
+    if quantize:  # from the checkpoint's own weights (a GGUF's dequantized to float32)
+        from .quantize import quantize_int8
+        model = quantize_int8(model, dtype or "bfloat16")
     if checkpoint.fmt == "ours":
         # a run folder, or the ckpt.pt in one: the tokenizer is beside it
         return model, load_tokenizer(checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent)
@@ -223,7 +231,7 @@ def run_generate(args) -> int:
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     device = pick_device(args.device)
-    model, tok = load_for_generation(args.checkpoint, device, args.dtype)
+    model, tok = load_for_generation(args.checkpoint, device, args.dtype, args.quantize)
     start = getattr(tok, "bos_id", None)  # Meta's tokenizers start from BOS, ours from end-of-text
     start = start if start is not None and start >= 0 else (tok.eot_id if tok.eot_id is not None else 0)
     ids = tok.encode(args.prompt) if args.prompt else [start]

@@ -229,7 +229,10 @@ def run_chat(args) -> int:
                              "chat_template in tokenizer_config.json or chat_template.jinja), so it is no chat "
                              f"model: {generate_instead}")
         device = pick_device(args.device)
-        model = load_pretrained(checkpoint, device=device, dtype=args.dtype)
+        model = load_pretrained(checkpoint, device=device, dtype=None if args.quantize else args.dtype)
+        if args.quantize:  # int8 matrices (utils/quantize.py), activations in --dtype (default bfloat16)
+            from .quantize import quantize_int8
+            model = quantize_int8(model, args.dtype or "bfloat16")
         args.max_new_tokens = min(args.max_new_tokens, model.config.max_seq_len // 2)  # the prompt gets the rest
         return _converse(model, tokenizer, template, special, args, device)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C anywhere, Ctrl-D at the prompt: leave quietly

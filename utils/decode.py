@@ -11,7 +11,8 @@ Nothing depends on the step any more, so:
 - on a GPU, torch.compile(mode="reduce-overhead") records the step once as a CUDA graph and
   replays it: one launch per token instead of hundreds;
 - on a CPU, torch.compile fuses the small ops and packs each weight for the MKL/oneDNN
-  matrix-vector kernels, which read it faster than the plain matmul does;
+  matrix-vector kernels, which read it faster than the plain matmul does; an int8 model's
+  multiply-by-int8-then-scale (utils/quantize.py) becomes torch's int8 kernel there;
 - on both, inductor's "freezing" treats the weights as constants and concatenates wq, wk, wv (and
   w1, w3) into one matrix each, so a layer runs 4 matrix products instead of 7.
 
@@ -69,7 +70,7 @@ class Decoder:
         it kept (0 when there were no caches to keep). Positions past the current one are masked, so old keys
         there are never read."""
         length = cache_length(needed, model.config.max_seq_len)
-        w = model.output.weight
+        w = model.tok_embeddings.weight  # the activations' dtype, which the caches hold
         old = self.caches
         fits = bool(old) and old[0].k.shape[0] == batch_size and old[0].k.dtype == w.dtype
         if not fits or old[0].max_seq_len != length:

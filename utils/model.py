@@ -130,9 +130,10 @@ class Llama(nn.Module):
 
     # ---- KV cache -------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> int:
-        """Allocate one KVCache per layer; return the total bytes allocated."""
+        """Allocate one KVCache per layer, by default in the activations' dtype (the embedding's: an int8 model's
+        output.weight is int8); return the total bytes allocated."""
         max_seq_len = max_seq_len or self.config.max_seq_len
-        w = self.output.weight
+        w = self.tok_embeddings.weight
         c = self.config
         for layer in self.layers:
             layer.attention.cache = KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
