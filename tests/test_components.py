@@ -10,7 +10,7 @@ from torch import nn
 from utils.attention import Attention, causal_mask, repeat_kv
 from utils.feedforward import FeedForward, swiglu_hidden_dim
 from utils.model import PRESETS, Llama, LlamaConfig, count_params, flops_per_token, get_config
-from utils.norm import RMSNorm, fast_rms_norm, rms_norm
+from utils.norm import RMSNorm, fast_rms_norm, fused_rms_norm, rms_norm
 from utils.rope import (
     apply_rotary_emb,
     apply_rotary_emb_complex,
@@ -58,6 +58,20 @@ def test_rmsnorm_hand_written_backward_matches_autograd():
     for x_ in (x.detach(), xb.detach()):  # the fast path's forward is the plain one, bit for bit
         torch.testing.assert_close(fast_rms_norm(x_, ours.weight), rms_norm(x_, ours.weight), rtol=0, atol=0)
     assert xb.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fused_rms_norm_is_rms_norm_in_float32_and_one_rounding_away_in_bf16(device):
+    # the GPU's eager inference path (F.rms_norm): the same numbers in float32; in bf16 it rounds once, after the
+    # weight, where Meta rounds before it, so they may differ by one bf16 step of the output (2^-8 relative)
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 9, 576, device=device) * 3, torch.randn(576, device=device) * 0.5 + 1
+    torch.testing.assert_close(fused_rms_norm(x, w), rms_norm(x, w), rtol=1e-6, atol=1e-6)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    fused, plain = fused_rms_norm(xb, wb).float(), rms_norm(xb, wb).float()
+    step = plain.abs().clamp_min(1e-3) * 2.0 ** -7  # a bf16 rounding step is at most 2^-7 of the value
+    assert (fused - plain).abs().le(step).all()
+    assert not torch.equal(fused, rms_norm(xb, wb * 1.01).float())  # the check sees a changed weight
 
 
 def test_rope_plain_form_equals_meta_complex_form_and_the_fast_path():
