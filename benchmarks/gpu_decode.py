@@ -105,7 +105,7 @@ def run_compiled(model, prompt, n, device, rounds, cls, make_step, attention):
     torch.compiler.reset()
     utils.attention.fused_attention = attention
     weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    d = cls(device.type, weights)
+    d = cls(device.type, weights, model.output.weight.dtype)
     if make_step is not None:
         d.step = make_step()
     utils.decode._decoders[model] = d

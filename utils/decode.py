@@ -37,9 +37,12 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def compile_note(model) -> str:
     """What `--compile` costs, for the command line to say before the wait begins."""
-    n, device = model.config.n_layers, model.output.weight.device.type
-    return (f"compiling the decode step for {device} ({n} layers): the first tokens wait for it, about a minute "
-            "for 30 layers on 2 CPU cores, and again for each new cache size (powers of two from 256)")
+    n, w = model.config.n_layers, model.output.weight
+    cached = w.device.type != "cpu" or w.dtype != torch.bfloat16  # cpu_settings: bf16's packed weights are not
+    return (f"compiling the decode step for {w.device.type} ({n} layers): the first tokens wait for it, about a "
+            "minute for 30 layers on 2 CPU cores" + (", a quarter of that once torch's on-disk cache holds this model"
+                                                     if cached else "") +
+            "; again for each new cache size (powers of two from 256)")
 
 
 def cache_length(needed: int, max_seq_len: int) -> int:
@@ -58,9 +61,9 @@ class Decoder:
     them there), saves compiling again for the same size, and keeps what they hold (a chat's earlier turns).
     """
 
-    def __init__(self, device_type: str, weights: tuple):
+    def __init__(self, device_type: str, weights: tuple, dtype: torch.dtype | None = None):
         self.weights = weights  # what the compiled step was built for (CPU freezing bakes the weights in)
-        self.step = compiled_step(device_type)
+        self.step = compiled_step(device_type, dtype)
         self.caches: list = []
         self.position: torch.Tensor | None = None  # (1,) int64 on the model's device, the step's input
 
@@ -108,20 +111,40 @@ def decoder(model) -> Decoder:
         return built
     if built is not None:  # a frozen graph would keep the old weights: start over
         torch.compiler.reset()
-    _decoders[model] = built = Decoder(model.output.weight.device.type, weights)
+    w = model.output.weight
+    _decoders[model] = built = Decoder(w.device.type, weights, w.dtype)
     return built
 
 
-def compiled_step(device_type: str):
-    """`decode_step` compiled for a device: a CUDA graph on a GPU, frozen weights on a CPU."""
+def compiled_step(device_type: str, dtype: torch.dtype | None = None):
+    """`decode_step` compiled for a device and the weights' dtype: a CUDA graph on a GPU, frozen weights on a CPU."""
     if device_type == "cuda":
-        return frozen(torch.compile(decode_step, mode="reduce-overhead", fullgraph=True), cpp_wrapper=False)
+        return frozen(torch.compile(decode_step, mode="reduce-overhead", fullgraph=True), {"cpp_wrapper": False})
     if device_type == "cpu":
-        return frozen(torch.compile(decode_step, fullgraph=True))
+        return frozen(torch.compile(decode_step, fullgraph=True), cpu_settings(dtype))
     return torch.compile(decode_step, fullgraph=True)
 
 
-def frozen(compiled, cpp_wrapper: bool = True):
+def cpu_settings(dtype: torch.dtype | None) -> dict:
+    """Inductor settings for a CPU decode step, chosen by the weights' dtype (SmolLM2-135M, 2 cores, AMX,
+    benchmarks/RESULTS.md section 8):
+
+    - float32: no oneDNN weight packing. As fast without it (41 against 37-39 tokens/s), and only then can
+      torch keep the compiled graph in its on-disk cache (a packed weight cannot be pickled), so a second
+      process on the same model waits 16 s instead of 60.
+    - bfloat16: oneDNN packing and max_autotune's C++ matrix kernels: 67 tokens/s against 50 with packing
+      alone and 33 with neither. The packed weights keep it out of the cache: every process waits the whole
+      compile (75-90 s).
+    - int8 weights (utils/quantize.py): the defaults; torch's int8 kernel needs no packing, so it is cached.
+    """
+    if dtype == torch.float32:
+        return {"cpp.weight_prepack": False}
+    if dtype == torch.bfloat16:
+        return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    return {}
+
+
+def frozen(compiled, extra: dict | None = None):
     """Run `compiled` with inductor's freezing on: the weights become constants, so inductor may repack them
     and concatenate the projections that read the same input (wq, wk, wv into one matrix; w1, w3 into
     another): one matrix product instead of three, and of two. On a CPU the C++ wrapper also calls the
@@ -129,7 +152,7 @@ def frozen(compiled, cpp_wrapper: bool = True):
     first call (torch.compile's `options=` does not reach freezing)."""
     from torch._inductor import config
 
-    wanted = {"freezing": True, "cpp_wrapper": cpp_wrapper, "cpp.enable_concat_linear": True}
+    wanted = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True, **(extra or {})}
     settings = {k: v for k, v in wanted.items() if k in config.get_config_copy()}  # older torch lacks some
 
     def run(*args):
