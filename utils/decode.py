@@ -140,7 +140,8 @@ def cpu_settings(dtype: torch.dtype | None) -> dict:
     if dtype == torch.float32:
         return {"cpp.weight_prepack": False}
     if dtype == torch.bfloat16:
-        return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                "autotune_num_choices_displayed": 0}  # no timing table on stderr
     return {}
 
 
