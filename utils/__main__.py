@@ -63,7 +63,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, temperature: float, top_p:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps" + default)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default: the checkpoint's; GGUF files are dequantized to float32); with "
-                        "--quantize, the activations' (default: bfloat16)")
+                        "--quantize, the activations' (then bfloat16 unless given)")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8: the weight matrices stored as int8, one scale per output channel, read by torch's int8 "
                         "kernel (utils/quantize.py): half the bytes of bf16 per token")
