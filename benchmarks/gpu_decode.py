@@ -13,6 +13,7 @@ One process, one model, the same prompt and weights for every path:
 """
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -190,7 +191,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma-separated variant numbers to skip (1-4)")
+    p.add_argument("--skip", default="", help="comma-separated compiled variants to skip (1-4; 4 compiled for over "
+                   "2 minutes on an H200 without finishing)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -226,6 +228,19 @@ def main() -> None:
     row("ours eager, F.rms_norm (experiment)", seconds, out)
     utils.norm.RMSNorm.forward = plain_norm
 
+    # HF against ours on the same weights in fp32 (copies): is a bf16 difference rounding, or a real one?
+    hf = None  # free its memory before the fp32 copies
+    model32 = copy.deepcopy(model).float()
+    hf32 = hf_twin(model32)
+    ours32 = generate(model32, prompt, n, temperature=0)[:, -n:]
+    theirs32 = hf_decode(hf32, prompt, n)
+    with torch.inference_mode():
+        gap = (model32(prompt)[0] - hf32(input_ids=prompt).logits[0].float()).abs().max().item()
+    results["fp32 HF vs ours"] = dict(tokens=first_difference(theirs32, ours32), max_logit_gap=gap)
+    print(f"fp32, HF's greedy tokens against ours: {first_difference(theirs32, ours32)}; prompt logits "
+          f"{gap:.2e} apart at most", flush=True)
+    model32 = hf32 = None
+
     for i, (key, (cls, make_step, attention)) in enumerate(compiled_variants(device).items(), 1):
         if str(i) in args.skip.split(","):
             continue
@@ -242,17 +257,6 @@ def main() -> None:
     seconds, out = timed(lambda: generate(model, prompt, n, temperature=0), device, args.rounds)
     row("ours eager, no Dropout modules (experiment)", seconds, out)
 
-    # HF against ours on the same weights in fp32: is a bf16 difference rounding, or a real one?
-    hf = None  # free its memory before the fp32 copies
-    model32 = model.float()
-    hf32 = hf_twin(model32)
-    ours32 = generate(model32, prompt, n, temperature=0)[:, -n:]
-    theirs32 = hf_decode(hf32, prompt, n)
-    with torch.inference_mode():
-        gap = (model32(prompt)[0] - hf32(input_ids=prompt).logits[0].float()).abs().max().item()
-    results["fp32 HF vs ours"] = dict(tokens=first_difference(theirs32, ours32), max_logit_gap=gap)
-    print(f"fp32, HF's greedy tokens against ours: {first_difference(theirs32, ours32)}; prompt logits "
-          f"{gap:.2e} apart at most", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

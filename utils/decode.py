@@ -38,11 +38,14 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 def compile_note(model) -> str:
     """What `--compile` costs, for the command line to say before the wait begins."""
     n, w = model.config.n_layers, model.output.weight
-    cached = w.device.type != "cpu" or w.dtype != torch.bfloat16  # cpu_settings: bf16's packed weights are not
-    return (f"compiling the decode step for {w.device.type} ({n} layers): the first tokens wait for it, about a "
-            "minute for 30 layers on 2 CPU cores" + (", a quarter of that once torch's on-disk cache holds this model"
-                                                     if cached else "") +
-            "; again for each new cache size (powers of two from 256)")
+    packed = w.device.type == "cpu" and w.dtype == torch.bfloat16  # cpu_settings: autotuned, and not cacheable
+    wait = ("about a minute and a half for 30 layers on 2 CPU cores, every time (packed bf16 weights cannot be "
+            "cached)" if packed else "about a minute for 30 layers on 2 CPU cores, a quarter of that once torch's "
+            "on-disk cache holds this model")
+    if w.device.type == "cuda":
+        wait = "32-63 s for 30 layers on an H200 (benchmarks/gpu.md), less once torch's on-disk cache holds this model"
+    return (f"compiling the decode step for {w.device.type} ({n} layers): the first tokens wait for it, {wait}; "
+            "again for each new cache size (powers of two from 256)")
 
 
 def cache_length(needed: int, max_seq_len: int) -> int:
@@ -141,7 +144,7 @@ def cpu_settings(dtype: torch.dtype | None) -> dict:
         return {"cpp.weight_prepack": False}
     if dtype == torch.bfloat16:
         return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                "autotune_num_choices_displayed": 0}  # no timing table on stderr
+                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet stderr
     return {}
 
 
