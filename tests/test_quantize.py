@@ -147,8 +147,8 @@ def test_bf16_decode_steps_through_the_kernel_give_the_logits_of_the_whole_seque
 
 @needs_compile
 def test_compiled_quantized_decoding_gives_the_eager_tokens_through_the_int8_kernel():
-    """One compile (~10 s on 2 cores). Inductor's freezing must turn each Int8Linear's plain form into
-    `_weight_int8pack_mm` (its "woq" pattern): 7 projections per layer and the output."""
+    """One compile (about a minute on 2 cores, autotuning included). Inductor's freezing must recognise each
+    Int8Linear's plain form as an int8 matrix product (its "woq" pattern): 7 projections per layer and the output."""
     model = quantize_int8(tiny())
     prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
     eager = generate(model, prompt, 24, temperature=0)

@@ -40,8 +40,8 @@ def compile_note(model) -> str:
     n, w = model.config.n_layers, model.output.weight
     packed = w.device.type == "cpu" and w.dtype == torch.bfloat16  # cpu_settings: autotuned, and not cacheable
     wait = ("about a minute and a half for 30 layers on 2 CPU cores, every time (packed bf16 weights cannot be "
-            "cached)" if packed else "about a minute for 30 layers on 2 CPU cores, a quarter of that once torch's "
-            "on-disk cache holds this model")
+            "cached)" if packed else "one to two and a half minutes for 30 layers on 2 CPU cores, about 20 s once "
+            "torch's on-disk cache holds this model")
     if w.device.type == "cuda":
         wait = "32-63 s for 30 layers on an H200 (benchmarks/gpu.md), less once torch's on-disk cache holds this model"
     return (f"compiling the decode step for {w.device.type} ({n} layers): the first tokens wait for it, {wait}; "
@@ -138,14 +138,15 @@ def cpu_settings(dtype: torch.dtype | None) -> dict:
     - bfloat16: oneDNN packing and max_autotune's C++ matrix kernels: 67 tokens/s against 50 with packing
       alone and 33 with neither. The packed weights keep it out of the cache: every process waits the whole
       compile (75-90 s).
-    - int8 weights (utils/quantize.py): the defaults; torch's int8 kernel needs no packing, so it is cached.
+    - int8 weights (utils/quantize.py): max_autotune's C++ GEMM, which reads the int8 weights itself: 87 tokens/s
+      against 58-60 with torch's `_weight_int8pack_mm`; nothing is packed by oneDNN, so it is cached (a second
+      process waits 22 s; the first compile, autotuning included, takes over two minutes).
     """
     if dtype == torch.float32:
         return {"cpp.weight_prepack": False}
-    if dtype == torch.bfloat16:
-        return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet stderr
-    return {}
+    autotuned = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                 "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet stderr
+    return autotuned if dtype in (torch.bfloat16, torch.int8) else {}
 
 
 def frozen(compiled, extra: dict | None = None):

@@ -48,7 +48,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
     Equal to F.linear(x, dequantize(weight, scales)) up to rounding. This exact form is what inductor's freezing
     recognises on a CPU (torch/_inductor/fx_passes/quantization.py, `_register_woq_mm_int8_pattern*`: bf16 x and
-    scales, int8 weight) and lowers to `fast_int8_linear`'s kernel, so the compiled step reads int8.
+    scales, int8 weight) and lowers to `fast_int8_linear`'s kernel, or, autotuned as utils/decode.py compiles it,
+    to inductor's own C++ matrix kernel that reads the int8 weight: either way the compiled step reads int8.
     """
     return F.linear(x, weight.to(x.dtype)) * scales
 
