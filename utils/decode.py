@@ -10,9 +10,9 @@ Nothing depends on the step any more, so:
 
 - on a GPU, torch.compile(mode="reduce-overhead") records the step once as a CUDA graph and
   replays it: one launch per token instead of hundreds;
-- on a CPU, torch.compile fuses the small ops and packs each weight for the MKL/oneDNN
-  matrix-vector kernels, which read it faster than the plain matmul does; an int8 model's
-  multiply-by-int8-then-scale (utils/quantize.py) becomes torch's int8 kernel there;
+- on a CPU, torch.compile fuses the small ops and calls C++ matrix kernels chosen by the weights'
+  dtype (`cpu_settings`: oneDNN-packed and autotuned for bf16, autotuned for an int8 model from
+  utils/quantize.py, plain for fp32, which then stays in torch's on-disk cache);
 - on both, inductor's "freezing" treats the weights as constants and concatenates wq, wk, wv (and
   w1, w3) into one matrix each, so a layer runs 4 matrix products instead of 7.
 
@@ -38,12 +38,14 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 def compile_note(model) -> str:
     """What `--compile` costs, for the command line to say before the wait begins."""
     n, w = model.config.n_layers, model.output.weight
-    packed = w.device.type == "cpu" and w.dtype == torch.bfloat16  # cpu_settings: autotuned, and not cacheable
-    wait = ("about a minute and a half for 30 layers on 2 CPU cores, every time (packed bf16 weights cannot be "
-            "cached)" if packed else "one to two and a half minutes for 30 layers on 2 CPU cores, about 20 s once "
-            "torch's on-disk cache holds this model")
     if w.device.type == "cuda":
         wait = "32-63 s for 30 layers on an H200 (benchmarks/gpu.md), less once torch's on-disk cache holds this model"
+    elif w.dtype == torch.bfloat16:  # cpu_settings: packed weights, which torch's cache cannot hold
+        wait = ("about a minute and a half for 30 layers on 2 CPU cores, every time (packed bf16 weights cannot be "
+                "cached)")
+    else:
+        wait = ("one to two and a half minutes for 30 layers on 2 CPU cores, about 20 s once torch's on-disk cache "
+                "holds this model")
     return (f"compiling the decode step for {w.device.type} ({n} layers): the first tokens wait for it, {wait}; "
             "again for each new cache size (powers of two from 256)")
 
