@@ -6,7 +6,9 @@ One process, one model, the same prompt and weights for every path:
   (CUDA kernels launched, host time per step), and two variants of ours that change one thing;
 - compiled (`utils/decode.py`), built up one setting at a time: CUDA graphs alone with the position
   copied from the host each token (as before), the position kept on the GPU, then inductor's freezing
-  (wq/wk/wv and w1/w3 concatenated: the default now), then attention written out for one query;
+  (wq/wk/wv and w1/w3 concatenated: the default now), then attention written out for one query, then three
+  inductor settings that aim at fewer kernels per layer (coordinate descent tuning, one-row products as
+  reductions, Triton GEMM templates);
 - the same weights in fp32 and bf16: do HF's greedy tokens equal ours?
 
     python benchmarks/gpu_decode.py --shape 135M --dtype bf16 --tokens 128
@@ -93,11 +95,23 @@ def compiled_variants(device):
 
     def plain():
         return torch.compile(c.decode_step, mode="reduce-overhead", fullgraph=True)
+
+    def frozen_with(**extra):  # the default step with more inductor settings
+        return lambda: c.frozen(plain(), {"cpp_wrapper": False, **extra})
     return {
         "compiled: CUDA graphs, position from the host (before)": (HostPosition, plain, FUSED),
         "compiled: CUDA graphs, position on the GPU": (c.Decoder, plain, FUSED),
         "compiled: + freezing (concatenated projections; the default)": (c.Decoder, None, FUSED),
         "compiled: + freezing + one-query attention written out": (c.Decoder, None, one_query_attention),
+        # fewer, larger kernels (not yet measured): Triton kernels tuned by coordinate descent (gpt-fast's setting),
+        # products with one row turned into reductions that fuse with the norm before them, Triton GEMM templates
+        # whose epilogues take the SiLU-gate and the residual add
+        "compiled: + freezing + coordinate descent tuning": (c.Decoder, frozen_with(coordinate_descent_tuning=True),
+                                                              FUSED),
+        "compiled: + freezing + one-row products as reductions": (c.Decoder, frozen_with(decompose_mem_bound_mm=True),
+                                                                   FUSED),
+        "compiled: + freezing + max_autotune (Triton GEMM templates)": (
+            c.Decoder, frozen_with(max_autotune=True, max_autotune_gemm_backends="TRITON,ATEN"), FUSED),
     }
 
 
@@ -191,7 +205,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma-separated compiled variants to skip (1-4; 4 compiled for over "
+    p.add_argument("--skip", default="", help="comma-separated compiled variants to skip (1-7; 4 compiled for over "
                    "2 minutes on an H200 without finishing)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
