@@ -24,6 +24,7 @@ import torch
 
 from utils.__main__ import main
 from utils.checkpoints import load_pretrained, load_pretrained_tokenizer
+from utils.export import save_hf_with_tokenizer
 from utils.generate import generate
 from utils.gguf_export import export_gguf, llama_cpp_greedy, tokenizer_fields
 from utils.hf import save_hf
@@ -364,3 +365,61 @@ def test_rope_scaling_is_written_as_llama_cpp_reads_it(runs, tmp_path):
             llm.close()
         print(f"scaled RoPE: max |logit difference| llama.cpp vs ours {err:.1e}")
         assert err < LOGIT_TOLERANCE
+
+
+@needs_smollm2
+def test_finetuned_run_folder_exports_its_chat_template_and_special_ids(smol, tmp_path):
+    """A model finetuned from SmolLM2 keeps its tokenizer in the run folder, where there is no tokenizer_config.json:
+    the GGUF must still carry the chat template and the bos/eos ids, or llama.cpp chats in another format (Llama 2's)
+    and never stops at <|im_end|>. In llama.cpp, the chat reply is then our greedy reply to the same message."""
+    model, original, _ = smol
+    original.save(tmp_path / "run")                        # what `train --init-from` writes into the run folder
+    tok = load_tokenizer(tmp_path / "run")
+    export_gguf(model, tok, tmp_path / "ft.gguf")
+    reader = gguf.GGUFReader(tmp_path / "ft.gguf")
+    value = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    assert value("tokenizer.chat_template") == original.chat_template
+    assert (value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id")) == (1, 2)
+    if not HAS_LLAMA_CPP:
+        return
+    from utils.chat import encode_prompt, render_chat
+
+    messages = [{"role": "user", "content": "Describe the sea in one line."}]
+    text = render_chat(tok.chat_template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    ids = encode_prompt(tok, text, tok.bos_token)
+    ours = generate(model, torch.tensor([ids]), 16, temperature=0.0)[0, len(ids):].tolist()
+    ours = ours[:next((i for i, t in enumerate(ours) if t in tok.eos_ids), len(ours))]
+    llm = llama_cpp_model(tmp_path / "ft.gguf")
+    try:
+        reply = llm.create_chat_completion(messages, temperature=0.0, max_tokens=16)["choices"][0]["message"]
+    finally:
+        llm.close()
+    print(f"SmolLM2 through a run folder, llama.cpp's chat reply: {reply['content']!r}")
+    assert reply["content"] == tok.decode(ours), (reply["content"], tok.decode(ours))
+
+
+@needs_smollm2
+def test_finetuned_run_folder_exports_its_tokenizer_to_hf(tmp_path):
+    """`--format hf` of a run folder finetuned from SmolLM2 writes tokenizer.json and tokenizer_config.json (special
+    tokens, chat template): transformers' AutoTokenizer builds the same chat prompt ids as our chat."""
+    from utils.chat import encode_prompt, load_chat_template, render_chat
+
+    original = load_pretrained_tokenizer(SMOL)
+    original.save(tmp_path / "run")
+    tok = load_tokenizer(tmp_path / "run")
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    save_hf_with_tokenizer(model, tok, tmp_path / "hf")
+    exported = load_pretrained_tokenizer(tmp_path / "hf")
+    assert exported is not None, "no tokenizer written"
+    assert all(exported.encode(t) == original.encode(t) for t in TEXTS) and exported.eot_id == original.eot_id == 2
+    template, special = load_chat_template(tmp_path / "hf", exported)
+    assert template == original.chat_template and special["eos_token"] == "<|im_end|>"
+    import transformers
+
+    messages = [{"role": "user", "content": "Describe the sea in one line."}]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs  # a BatchEncoding in transformers 5
+    ours = encode_prompt(original, render_chat(original.chat_template, messages, bos_token=original.bos_token,
+                                               eos_token=original.eos_token), original.bos_token)
+    assert list(theirs) == ours

@@ -80,14 +80,19 @@ def save_hf_with_tokenizer(model, tok, directory: Path) -> None:
 
     bos = getattr(tok, "bos_id", None)
     save_hf(model, directory, bos_token_id=bos if bos is not None and bos >= 0 else None, eos_token_id=tok.eot_id)
-    if isinstance(tok, (HFTokenizer, SentencePieceTokenizer)):
-        for name in HF_TOKENIZER_FILES:
-            if (tok.path.parent / name).exists() and tok.path.parent.resolve() != directory.resolve():
-                shutil.copyfile(tok.path.parent / name, directory / name)
-    elif isinstance(tok, GGUFTokenizer):  # the rebuilt `tokenizers.Tokenizer` and its special tokens
-        tok.tokenizer.save(str(directory / "tokenizer.json"))
-        config = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    else:
+    if not isinstance(tok, (HFTokenizer, SentencePieceTokenizer, GGUFTokenizer)):
         tok.save(directory)  # course_tokenizer.json (+ ranks): utils.tokenizer.load_tokenizer(directory)
+        return
+    copied = set()
+    if not isinstance(tok, GGUFTokenizer) and tok.path.parent.resolve() != directory.resolve():
+        copied = {name for name in HF_TOKENIZER_FILES if (tok.path.parent / name).exists()}
+        for name in copied:
+            shutil.copyfile(tok.path.parent / name, directory / name)
+    # A GGUF's tokenizer, or a pretrained one kept in a run folder (pretrained_tokenizer.json and
+    # course_tokenizer.json, no tokenizer_config.json): the `tokenizers.Tokenizer` and its special tokens
+    if not isinstance(tok, SentencePieceTokenizer) and "tokenizer.json" not in copied:
+        tok.tokenizer.save(str(directory / "tokenizer.json"))
+    if "tokenizer_config.json" not in copied:
+        config = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "chat_template")}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 

@@ -323,19 +323,21 @@ def _hf_pre_name(pre: dict | None) -> str:
     return "+".join(words)
 
 
-def _special_ids(directory: Path, vocab: dict[str, int]) -> dict[str, int]:
-    """bos/eos/padding ids and the chat template from tokenizer_config.json (and chat_template.jinja)."""
+def _special_ids(directory: Path, vocab: dict[str, int], tok=None) -> dict[str, int]:
+    """bos/eos/padding ids and the chat template from tokenizer_config.json (and chat_template.jinja), else from
+    `tok` itself: a run folder has no tokenizer_config.json, and keeps a finetuned model's bos_token, eos_token
+    and chat template in its course_tokenizer.json (utils.tokenizer.save_pretrained_tokenizer)."""
     import json
 
     f = directory / "tokenizer_config.json"
     config = json.loads(f.read_text()) if f.exists() else {}
     out = {}
     for key, name in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
-        token = config.get(key)
+        token = config.get(key, getattr(tok, key, None))
         token = token.get("content") if isinstance(token, dict) else token
         if token in vocab:
             out[name] = vocab[token]
-    template = config.get("chat_template")
+    template = config.get("chat_template", getattr(tok, "chat_template", None))
     if (directory / "chat_template.jinja").exists():
         template = (directory / "chat_template.jinja").read_text()
     if isinstance(template, str):
@@ -343,7 +345,7 @@ def _special_ids(directory: Path, vocab: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def hf_tokenizer_fields(path: Path, vocab_size: int) -> tuple[list[tuple], str]:
+def hf_tokenizer_fields(path: Path, vocab_size: int, tok=None) -> tuple[list[tuple], str]:
     """A byte-level BPE tokenizer.json (SmolLM2, Llama 3) as "gpt2", with the pre its pre_tokenizer matches."""
     import json
 
@@ -366,7 +368,7 @@ def hf_tokenizer_fields(path: Path, vocab_size: int) -> tuple[list[tuple], str]:
         tokens[i], token_types[i] = token, types.get(i, NORMAL)
     tokens, token_types = _padded(tokens, token_types, vocab_size, str(path))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    special = _special_ids(path.parent, vocab)
+    special = _special_ids(path.parent, vocab, tok)
     template = special.pop("chat_template", None)
     post = json.dumps(spec.get("post_processor") or {})
     add_bos = "bos_token_id" in special and json.dumps(tokens[special["bos_token_id"]]) in post
@@ -400,7 +402,7 @@ def sentencepiece_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
     f += [(k, i) for k, i in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()),
                               ("unknown_token_id", sp.unk_id()), ("padding_token_id", sp.pad_id())) if i >= 0]
     fields = [_field(f"tokenizer.ggml.{k}", v) for k, v in f]
-    template = _special_ids(tok.path.parent, {}).get("chat_template")
+    template = _special_ids(tok.path.parent, {}, tok).get("chat_template")
     if template:
         fields.append(_field("tokenizer.chat_template", template))
     return fields, f"llama/sentencepiece (from {tok.path.name})"
@@ -423,7 +425,7 @@ def tokenizer_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
     if isinstance(tok, GGUFTokenizer):
         return gguf_source_fields(Path(tok.name.removeprefix("gguf:")), vocab_size)
     if isinstance(tok, HFTokenizer):
-        return hf_tokenizer_fields(tok.path, vocab_size)
+        return hf_tokenizer_fields(tok.path, vocab_size, tok)
     if isinstance(tok, SentencePieceTokenizer):
         return sentencepiece_fields(tok, vocab_size)
     raise ValueError(f"tokenizer {getattr(tok, 'name', type(tok).__name__)!r} cannot be written to GGUF: export a "
