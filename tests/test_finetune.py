@@ -4,6 +4,7 @@ run folder (load, generate, chat, resume, report), and with --lora-rank trains o
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,18 @@ def test_finetune_of_an_hf_folder_keeps_its_tokenizer_and_chat_template(hf_folde
     assert tok.chat_template == TEMPLATE and tok.eos_token == "</s>" and tok.name == f"tokenizers:{hf_folder.name}"
     assert m["tokenizer"] == tok.name, "no path of this machine in metrics.json"
     assert main(["chat", "--checkpoint", str(out), "--message", "hello", "--max-new-tokens", "4", "--seed", "0"]) == 0
+
+
+def test_chat_on_a_finetune_of_a_model_without_a_template_says_so(hf_folder, corpus, monkeypatch, tmp_path, capsys):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))  # no chat_template
+    out = tmp_path / "ft"
+    assert cli(corpus, monkeypatch, "--init-from", str(folder), "--out", str(out)) == 0
+    capsys.readouterr()
+    assert main(["chat", "--checkpoint", str(out), "--message", "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finetuned from a model that has no chat template" in err and len(err.splitlines()) == 1, err
 
 
 def test_init_val_loss_matches_transformers_on_the_same_windows(hf_folder, corpus, monkeypatch, tmp_path):

@@ -217,8 +217,9 @@ def run_chat(args) -> int:
             path = checkpoint.path
             tokenizer = load_tokenizer(path if path.is_dir() else path.parent)
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"{args.checkpoint} is a model trained here from scratch, which has no chat template: "
-                                 f"{generate_instead}")
+                what = ("finetuned from a model that has no chat template" if hasattr(tokenizer, "bos_token")
+                        else "trained here from scratch, which has no chat template")  # pretrained tokenizers have one
+                raise ValueError(f"{args.checkpoint} is a model {what}: {generate_instead}")
         else:
             tokenizer = load_pretrained_tokenizer(checkpoint)
         if tokenizer is None:
