@@ -94,5 +94,9 @@ def save_hf_with_tokenizer(model, tok, directory: Path) -> None:
         tok.tokenizer.save(str(directory / "tokenizer.json"))
     if "tokenizer_config.json" not in copied:
         config = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "chat_template")}
+        if isinstance(tok, SentencePieceTokenizer):  # its special pieces, where the run folder named none
+            for key, i in (("bos_token", tok.sp.bos_id()), ("eos_token", tok.sp.eos_id())):
+                config[key] = config[key] or (tok.sp.id_to_piece(i) if i >= 0 else None)
+        config = {k: v for k, v in config.items() if v is not None}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
