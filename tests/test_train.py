@@ -205,3 +205,19 @@ def test_keep_freed_memory_stops_page_faults_on_each_training_step():
     # glibc's default: the faults grow with the steps (9-20k here in ten); kept: 200-1,000 once, whatever the steps
     assert runs["default"][1] > 4000, runs
     assert runs["keep"][1] < runs["default"][1] / 4, runs
+
+
+@pytest.mark.parametrize("flags, warned", [
+    (dict(max_steps=20_000), True),                     # 256 tokens a step: 95 passes over 54,000 tokens
+    (dict(max_steps=20_000, max_seconds=60.0), False),  # the clock decides: no plan to judge
+    (dict(max_steps=3000), False),                      # 14 passes
+])
+def test_a_run_that_would_memorise_small_data_says_so_in_one_line(corpus, tmp_path, capsys, flags, warned):
+    cfg = TrainConfig(preset="smoke", max_seq_len=32, batch_size=8, eval_windows=2, eval_interval=1000,
+                      out_dir=str(tmp_path / "run"), progress=False, **flags)
+    train(cfg, data=corpus[1], callback=lambda trainer: True)  # stop after the first step
+    lines = [line for line in capsys.readouterr().out.splitlines() if "passes over the same" in line]
+    assert len(lines) == int(warned), lines
+    if warned:
+        line = lines[0]
+        assert line.startswith("warning: 95 passes") and "--max-steps 3375 makes 16 passes" in line, line

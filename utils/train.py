@@ -53,6 +53,8 @@ from .runs import (
 )
 from .tokenizer import load_tokenizer
 
+MAX_PASSES = 16  # passes over a small training split before `announce` warns of memorising (lesson 6 caps runs here)
+
 
 def arg(default, help: str):
     """A TrainConfig field with its --help text: the command line is built from these."""
@@ -550,6 +552,19 @@ class Trainer:
         self.say(f"steps {self.step} to {cfg.max_steps}{limit}, {self.tokens_per_step:,} tokens each "
                  f"({total / len(d.train):.1f} epochs); every {cfg.eval_interval} steps it evaluates and saves "
                  f"{self.out / CKPT_FILE}")
+        self._warn_if_memorising(n, total)
+
+    def _warn_if_memorising(self, n_params: int, total_tokens: int) -> None:
+        """One line when the planned steps pass over a small training split more than MAX_PASSES times (lesson 6,
+        section 1): the last checkpoint, the one saved, would be a model that has memorised its text."""
+        n_train, cfg = len(self.data.train), self.cfg
+        passes = total_tokens / n_train
+        steps = max(math.ceil(MAX_PASSES * n_train / self.tokens_per_step), 2 * cfg.warmup_steps)  # as lesson 6
+        if cfg.max_seconds is None and passes > MAX_PASSES and n_train < 20 * n_params and steps < cfg.max_steps:
+            self.note(f"warning: {passes:.0f} passes over the same {n_train:,} training tokens: expect the model to "
+                      f"memorise them (validation loss rising while training loss falls), and the last checkpoint "
+                      f"with it. --max-steps {steps} makes {steps * self.tokens_per_step / n_train:.0f} passes; "
+                      "more text is better still")
 
     def _say_time_left(self, first_step: int, first_seconds: float) -> None:
         per_step = (self.seconds - first_seconds) / max(self.step - first_step, 1)
