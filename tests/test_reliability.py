@@ -510,3 +510,13 @@ def test_6_a_failed_start_leaves_no_empty_out_folder_but_keeps_one_that_existed(
     for bad in (["--preset", "nosuch"], list(DIVERGES)):
         rc, _, err = cli(capsys, *flags(data_env, mine, 12), *bad)
         assert rc == 2 and mine.is_dir() and list(mine.iterdir()) == [], bad
+
+
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    """mkstemp's temporary is private (0600); a checkpoint or exported model another user or a service (Ollama)
+    reads must get the same mode as a file written with open()."""
+    from utils.files import atomic_write
+
+    (tmp_path / "plain").write_text("x")
+    atomic_write(tmp_path / "atomic", lambda tmp: Path(tmp).write_text("x"))
+    assert (tmp_path / "atomic").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
