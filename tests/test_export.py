@@ -158,6 +158,25 @@ def test_hf_export_round_trips_through_load_pretrained(runs, tmp_path):
     assert torch.allclose(ref, torch.from_numpy(our_logits(a, ids)), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["bpe:512", "char"])
+def test_hf_export_of_our_run_has_a_tokenizer_json_transformers_and_our_loaders_read(runs, tmp_path, name):
+    """The folder is a checkpoint like any downloaded one: transformers' AutoTokenizer cuts text into our ids, and
+    `load_pretrained_tokenizer` (generate, chat, export, --init-from on the folder) finds it."""
+    import transformers
+
+    assert cli("--checkpoint", runs[name], "--format", "hf", "--out", tmp_path / "hf").returncode == 0
+    ours = load_tokenizer(runs[name])
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    found = load_pretrained_tokenizer(tmp_path / "hf")
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == found.encode(text) == ours.encode(text), text
+        assert theirs.decode(ours.encode(text)) == text
+    assert found.eot_id == ours.eot_id and theirs.eos_token_id == ours.eot_id
+    r = subprocess.run([sys.executable, "-m", "utils", "generate", "--checkpoint", str(tmp_path / "hf"),
+                        "--prompt", "ROMEO:", "--max-new-tokens", "8"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr[-2000:]
+
+
 def test_gguf_to_hf_writes_the_gguf_tokenizer_as_tokenizer_json(runs, tmp_path):
     export_gguf(load_pretrained(runs["bpe:512"]), load_tokenizer(runs["bpe:512"]), tmp_path / "m.gguf")
     r = cli("--checkpoint", tmp_path / "m.gguf", "--format", "hf", "--out", tmp_path / "hf")

@@ -72,26 +72,38 @@ def run_export(args) -> int:
     return 0
 
 
-def llama3_tokenizer_json(tok):
-    """Meta's Llama 3 tokenizer (tiktoken ranks) as a `tokenizers.Tokenizer`, the way Hugging Face ships Llama 3's
-    tokenizer.json: byte-level BPE (merges derived from the ranks), Meta's split regex, the 256 special tokens
-    after the ranks, <|begin_of_text|> added in front."""
+def tokenizer_json(tok):
+    """A tokenizer of ours or Meta's Llama 3 as a `tokenizers.Tokenizer`, for a Hugging Face folder's tokenizer.json.
+
+    tiktoken's (our bpe:N, OpenAI's, Meta's Llama 3): byte-level BPE with merges derived from the ranks, the split
+    regex, the special tokens at their ids, and Llama 3's <|begin_of_text|> added in front, as Hugging Face ships
+    Llama 3. char: one token per character, unseen characters as their UTF-8 bytes (<0xNN>), as ours does.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     from .gguf_export import _spell, tiktoken_merges
-    from .tokenizer import LLAMA3_SPLIT_PATTERN
+    from .tokenizer import EOT, CharTokenizer, Llama3Tokenizer
 
-    ranks = tok.encoding._mergeable_ranks
+    if isinstance(tok, CharTokenizer):
+        vocab = {c: i for c, i in tok.char_to_id.items()}
+        vocab |= {f"<0x{b:02X}>": tok.byte_offset + b for b in range(256)} | {EOT: tok.eot_id}
+        t = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        t.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        t.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+        return t
+    enc = tok.encoding
+    ranks = getattr(tok, "ranks", None) or enc._mergeable_ranks
+    special = tok.special_tokens if isinstance(tok, Llama3Tokenizer) else enc._special_tokens
+    vocab = {_spell(b): i for b, i in ranks.items()} | special
     merges = [tuple(m.split(" ")) for m in tiktoken_merges(ranks)[0]]
-    t = Tokenizer(models.BPE(vocab={_spell(b): i for b, i in ranks.items()}, merges=merges, ignore_merges=True))
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False)
-                          for s, _ in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])])
-    t.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])  # at their vocab ids
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     t.decoder = decoders.ByteLevel()
-    t.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
-                                                     special_tokens=[(tok.bos_token, tok.bos_id)])
+    if isinstance(tok, Llama3Tokenizer):
+        t.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                         special_tokens=[(tok.bos_token, tok.bos_id)])
     return t
 
 
@@ -99,20 +111,22 @@ def save_hf_with_tokenizer(model, tok, directory: Path) -> None:
     """save_hf, then the tokenizer beside it: a pretrained one's files copied, ours saved as load_tokenizer reads it."""
     from .gguf import GGUFTokenizer
     from .hf import save_hf
-    from .tokenizer import HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer
+    from .tokenizer import EOT, HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer
 
     bos = getattr(tok, "bos_id", None)
     save_hf(model, directory, bos_token_id=bos if bos is not None and bos >= 0 else None, eos_token_id=tok.eot_id)
     if isinstance(tok, Llama3Tokenizer):  # Meta's: as Hugging Face ships Llama 3, with the chat format `chat` uses
         from .chat import LLAMA3_CHAT_TEMPLATE
 
-        llama3_tokenizer_json(tok).save(str(directory / "tokenizer.json"))
+        tokenizer_json(tok).save(str(directory / "tokenizer.json"))
         config = {"bos_token": tok.bos_token, "eos_token": tok.eos_token,
                   "chat_template": getattr(tok, "chat_template", None) or LLAMA3_CHAT_TEMPLATE}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return
-    if not isinstance(tok, (HFTokenizer, SentencePieceTokenizer, GGUFTokenizer)):
-        tok.save(directory)  # course_tokenizer.json (+ ranks): utils.tokenizer.load_tokenizer(directory)
+    if not isinstance(tok, (HFTokenizer, SentencePieceTokenizer, GGUFTokenizer)):  # ours: for transformers, and
+        tok.save(directory)  # course_tokenizer.json (+ ranks), which utils.tokenizer.load_tokenizer reads exactly
+        tokenizer_json(tok).save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT}, indent=2) + "\n")
         return
     copied = set()
     if not isinstance(tok, GGUFTokenizer) and tok.path.parent.resolve() != directory.resolve():
