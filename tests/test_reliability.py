@@ -427,6 +427,16 @@ def test_2_resume_hears_every_typed_flag_even_at_its_default_value(tmp_path, dat
         resume_config(TrainConfig(preset="tiny", out_dir=str(out)), saved, given={"preset"})
 
 
+def test_a_run_that_stopped_on_its_clock_says_to_give_it_more_seconds(tmp_path, data_env, capsys):
+    out = tmp_path / "run"
+    timed = flags(data_env, out, 100_000, "--max-seconds", "0.5")
+    assert cli(capsys, *timed)[0] == 0 and load_checkpoint(out)["step"] < 100_000
+    rc, stdout, _ = cli(capsys, *timed)  # the same command again
+    assert rc == 0 and "train further: --resume --max-seconds S" in stdout, stdout
+    rc, _, err = cli(capsys, *flags(data_env, out, 200_000, "--max-seconds", "0.5"), "--resume")
+    assert rc == 2 and re.search(r"already finished .* pass a larger --max-seconds", one_line_error(err)), err
+
+
 def test_3_auto_dtype_is_read_from_the_cpu_never_timed(monkeypatch, tmp_path, corpus, capsys):
     from utils import device as d
 

@@ -176,8 +176,9 @@ def run_train(args) -> int:
     done = None if args.resume or args.overwrite else finished_run(cfg)
     if done is not None:  # the same command again: the one-liner goes on to `generate`
         if int(os.environ.get("RANK", 0)) == 0:
+            further = "--max-seconds S" if done["steps"] < cfg.max_steps else "--max-steps N"  # what stopped it
             print(f"already trained (val {done['val_loss_per_char']:.3f} nats/char, {done['steps']} steps) in "
-                  f"{cfg.out_dir}: nothing to do (train further: --resume --max-steps N; start again: --overwrite)")
+                  f"{cfg.out_dir}: nothing to do (train further: --resume {further}; start again: --overwrite)")
         return 0
     try:
         metrics = train(cfg, resume=args.resume, overwrite=args.overwrite, given=given)

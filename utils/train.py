@@ -476,9 +476,11 @@ class Trainer:
     def _check_not_finished(self) -> None:
         cfg = self.cfg
         if self.done():
-            raise ValueError(f"the run in {self.out} already finished (step {self.step} of max_steps {cfg.max_steps}, "
-                             f"{self.seconds:.0f} s of max_seconds {cfg.max_seconds}): pass a larger --max-steps "
-                             "(or --max-seconds) to train further")
+            timed_out = self.step < cfg.max_steps  # it stopped on --max-seconds: more steps alone would not run
+            limit = f", {self.seconds:.0f} s of max_seconds {cfg.max_seconds:g}" if cfg.max_seconds else ""
+            more = "a larger --max-seconds (and --max-steps if you like)" if timed_out else "a larger --max-steps"
+            raise ValueError(f"the run in {self.out} already finished (step {self.step} of max_steps {cfg.max_steps}"
+                             f"{limit}): pass {more} to train further")
 
     # ---- the end ------------------------------------------------------------------------------
 
