@@ -214,6 +214,7 @@ def test_a_regex_llama_cpp_has_no_pre_tokenizer_for_is_refused(runs):
 @pytest.mark.parametrize("args, words", [
     (("--format", "hf", "--dtype", "q8_0", "--out", "x"), "--dtype q8_0 is for --format gguf"),
     (("--format", "gguf", "--out", "model.bin"), "should be a file name ending in .gguf"),
+    (("--format", "hf", "--out", __file__), "is a file, and --format hf writes a folder"),
 ])
 def test_bad_export_flags_say_what_to_do(runs, tmp_path, args, words):
     r = cli("--checkpoint", runs["bpe:512"], *args)

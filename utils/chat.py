@@ -210,6 +210,8 @@ def run_chat(args) -> int:
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     generate_instead = f"use `python -m utils generate --checkpoint {args.checkpoint} --prompt ...` instead"
+    if args.message is not None and not args.message.strip():  # before the model is loaded
+        raise ValueError("--message is empty: write a message, or leave --message out to chat")
     try:
         checkpoint = resolve(args.checkpoint)  # the format, found once (a hub id: downloaded)
         if checkpoint.fmt == "ours":  # a run finetuned from a chat model chats: its tokenizer keeps the template
@@ -234,7 +236,11 @@ def run_chat(args) -> int:
         if args.quantize:  # int8 matrices (utils/quantize.py), activations in --dtype (default bfloat16)
             from .quantize import quantize_int8
             model = quantize_int8(model, args.dtype or "bfloat16")
-        args.max_new_tokens = min(args.max_new_tokens, model.config.max_seq_len // 2)  # the prompt gets the rest
+        wanted, context = args.max_new_tokens, model.config.max_seq_len
+        args.max_new_tokens = min(wanted, context // 2)  # the prompt gets the rest
+        if args.max_new_tokens < wanted:
+            print(f"note: the model's context is {context} tokens, so a reply stops at {args.max_new_tokens} "
+                  "(half of it; the conversation gets the rest)", file=sys.stderr)
         return _converse(model, tokenizer, template, special, args, device)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C anywhere, Ctrl-D at the prompt: leave quietly
         print(file=sys.stderr)

@@ -55,6 +55,9 @@ def run_export(args) -> int:
     out = Path(args.out)
     if args.format == "gguf" and out.suffix != ".gguf":
         raise ValueError(f"--out {out} should be a file name ending in .gguf (e.g. --out model.gguf)")
+    if args.format == "hf" and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, and --format hf writes a folder: name a folder "
+                         f"(e.g. --out {out.stem}-hf)")
     model, tok, fmt = load_with_tokenizer(args.checkpoint)
     source = f"{args.checkpoint} ({fmt})"
     if args.format == "gguf":
