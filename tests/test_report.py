@@ -40,6 +40,12 @@ def test_report_on_a_folder_without_metrics_says_what_to_do(tmp_path):
         report_rows([fake_run(tmp_path / "ok"), tmp_path])
 
 
+def test_report_on_a_file_asks_for_its_run_folder(tmp_path):
+    run = fake_run(tmp_path / "ok")
+    with pytest.raises(ValueError, match=r"is a file: pass its run folder"):
+        report_rows([run / "metrics.json"])
+
+
 def test_report_on_an_incomplete_metrics_file_names_the_missing_fields(tmp_path):
     run = tmp_path / "old"
     run.mkdir()

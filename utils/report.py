@@ -23,6 +23,8 @@ def report_header() -> str:
 def report_row(run_dir: str | Path) -> str:
     """One markdown row from run_dir/metrics.json."""
     path = Path(run_dir) / METRICS_FILE
+    if Path(run_dir).is_file():
+        raise ValueError(f"{run_dir} is a file: pass its run folder ({Path(run_dir).parent})")
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: train into it first "
                                 f"(python -m utils train --out {run_dir}) or pass a run folder that has one")
