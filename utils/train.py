@@ -124,7 +124,8 @@ class TrainConfig:
         positive = ("max_seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_windows")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:  # max_seq_len None: the checkpoint's
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} "
+                                 f"(--{name.replace('_', '-')} on the command line)")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
         if self.max_seconds is not None and self.max_seconds <= 0:
