@@ -88,15 +88,14 @@ def tokenizer_json(tok):
     from .tokenizer import EOT, CharTokenizer, Llama3Tokenizer
 
     if isinstance(tok, CharTokenizer):
-        vocab = {c: i for c, i in tok.char_to_id.items()}
-        vocab |= {f"<0x{b:02X}>": tok.byte_offset + b for b in range(256)} | {EOT: tok.eot_id}
+        vocab = tok.char_to_id | {f"<0x{b:02X}>": tok.byte_offset + b for b in range(256)} | {EOT: tok.eot_id}
         t = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
         t.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
         t.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
         return t
     enc = tok.encoding
     ranks = getattr(tok, "ranks", None) or enc._mergeable_ranks
-    special = tok.special_tokens if isinstance(tok, Llama3Tokenizer) else enc._special_tokens
+    special = enc._special_tokens  # {"<|endoftext|>": id, ...}; Llama 3's 256
     vocab = {_spell(b): i for b, i in ranks.items()} | special
     merges = [tuple(m.split(" ")) for m in tiktoken_merges(ranks)[0]]
     t = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))

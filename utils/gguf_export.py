@@ -253,13 +253,19 @@ def tiktoken_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
     if unreachable and pre == "gpt-2":  # llama.cpp's gpt-2 pre-tokenizer only merges: every token needs a merge
         raise ValueError(f"tokenizer {tok.name}: {unreachable} tokens have no merge that makes them, which llama.cpp's "
                          "gpt-2 pre-tokenizer needs: it cannot be exported exactly; train with bpe:N")
+    tokens, types = tiktoken_vocabulary(enc, ranks)
+    return byte_level_bpe_fields(tokens, types, merges, pre, vocab_size, tok.eot_id, tok.name), f"gpt2/{pre}"
+
+
+def tiktoken_vocabulary(enc, ranks: dict[bytes, int]) -> tuple[list[str], list[int]]:
+    """A tiktoken encoding's tokens as llama.cpp's gpt2 vocabulary spells them, and their types."""
     n = enc.n_vocab
     tokens, types = [f"[PAD{i}]" for i in range(n)], [UNUSED] * n  # the gaps between ids some encodings have
     for token, i in ranks.items():
         tokens[i], types[i] = _spell(token), NORMAL
     for token, i in enc._special_tokens.items():
         tokens[i], types[i] = token, CONTROL
-    return byte_level_bpe_fields(tokens, types, merges, pre, vocab_size, tok.eot_id, tok.name), f"gpt2/{pre}"
+    return tokens, types
 
 
 def llama3_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
@@ -271,12 +277,7 @@ def llama3_fields(tok, vocab_size: int) -> tuple[list[tuple], str]:
 
     ranks = tok.encoding._mergeable_ranks
     merges, _ = tiktoken_merges(ranks)
-    tokens, types = [""] * tok.vocab_size, [NORMAL] * tok.vocab_size
-    for token, i in ranks.items():
-        tokens[i] = _spell(token)
-    for token, i in tok.special_tokens.items():
-        tokens[i], types[i] = token, CONTROL
-    tokens, types = _padded(tokens, types, vocab_size, tok.name)
+    tokens, types = _padded(*tiktoken_vocabulary(tok.encoding, ranks), vocab_size, tok.name)
     f = [("model", "gpt2"), ("pre", "llama-bpe"), ("tokens", tokens), ("token_type", types), ("merges", merges),
          ("add_bos_token", True), ("add_eos_token", False), ("bos_token_id", tok.bos_id),
          ("eos_token_id", tok.eot_id), ("eot_token_id", tok.special_tokens["<|eot_id|>"])]
