@@ -8,6 +8,7 @@ import io
 import json
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def write_meta(model, directory, n_shards):
             dim = META_SPLIT.get(k.split(".")[-2])
             shard[k] = v.clone() if dim is None else v.chunk(n_shards, dim)[i].clone()
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")
+
+
+def write_meta_llama3(directory: Path, tokenizer_model: Path) -> Path:
+    """A tiny random Meta Llama 3 folder: consolidated.00.pth and params.json for Llama 3's 128,256 ids, beside the
+    given tokenizer.model (Meta's tiktoken file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    write_meta(Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)),
+               directory, n_shards=1)
+    (directory / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    return directory
 
 
 LLAMA2C = {"rope_theta": 10000.0, "norm_eps": 1e-5}  # fixed in llama2c (run.c), not stored in its files

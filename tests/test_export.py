@@ -262,14 +262,10 @@ def test_meta_llama3_tokenizer_model_exports_with_llama3_chat_format(tmp_path):
     into our ids, and the chat prompt it builds from the file's template is the one our `chat` builds."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from tests.test_checkpoints import write_meta
+    from tests.test_checkpoints import write_meta_llama3
     from utils.chat import encode_prompt, load_chat_template, render_chat
 
-    (tmp_path / "meta").mkdir()
-    write_meta(Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)),
-               tmp_path / "meta", n_shards=1)
-    (tmp_path / "meta" / "tokenizer.model").write_bytes(
-        (Path(LLAMA32.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model").read_bytes())
+    write_meta_llama3(tmp_path / "meta", Path(LLAMA32.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model")
     r = cli("--checkpoint", tmp_path / "meta", "--format", "gguf", "--out", tmp_path / "m.gguf")
     assert r.returncode == 0 and "gpt2/llama-bpe" in r.stdout, r.stderr[-2000:]
     ours = load_pretrained_tokenizer(tmp_path / "meta")
@@ -295,14 +291,11 @@ def test_meta_llama3_to_hf_writes_the_tokenizer_json_hugging_face_ships(tmp_path
     text as Hugging Face's own Llama 3.2 tokenizer.json (shipped beside it) does; its chat prompt is our chat's."""
     import transformers
 
-    from tests.test_checkpoints import write_meta
+    from tests.test_checkpoints import write_meta_llama3
     from utils.chat import encode_prompt, load_chat_template, render_chat
 
     src = Path(LLAMA32.submodule_search_locations[0]) / "tokenizer"
-    (tmp_path / "meta").mkdir()
-    write_meta(Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)),
-               tmp_path / "meta", n_shards=1)
-    (tmp_path / "meta" / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes())
+    write_meta_llama3(tmp_path / "meta", src / "tokenizer.model")
     r = cli("--checkpoint", tmp_path / "meta", "--format", "hf", "--out", tmp_path / "hf")
     assert r.returncode == 0, r.stderr[-2000:]
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

